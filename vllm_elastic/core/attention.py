@@ -1,0 +1,90 @@
+"""Bidirectional attention of ragged query rows over each request's paged K/V.
+
+`paged_attention` is the one entry point the step runner calls per layer. The plain torch
+version below is the CPU path and the reference for the GPU kernels
+(`vllm_elastic.kernels`), which are used automatically on CUDA when Triton is present.
+`attention_probs` gives the attention weights of a handful of rows (Elastic-Cache's
+tracked tokens and window) without touching the fast path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class RaggedBatch:
+    """Where each request's query rows sit in the concatenated batch, and its keys."""
+
+    row_offsets: list[int]  # len = num_requests + 1
+    slot_maps: list[torch.Tensor]  # per request: slot of every position (its keys)
+    # Device copies for kernels (built on first use).
+    _dev: dict | None = None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.slot_maps)
+
+    def device_meta(self, device: torch.device) -> dict:
+        if self._dev is None:
+            lens = [int(s.shape[0]) for s in self.slot_maps]
+            max_len = max(lens)
+            table = torch.zeros(len(lens), max_len, dtype=torch.int32, device=device)
+            for i, s in enumerate(self.slot_maps):
+                table[i, :lens[i]] = s.to(torch.int32)
+            self._dev = {
+                "row_offsets": torch.tensor(self.row_offsets, dtype=torch.int32, device=device),
+                "kv_lens": torch.tensor(lens, dtype=torch.int32, device=device),
+                "slot_table": table,
+                "max_rows": max(b - a for a, b in zip(self.row_offsets, self.row_offsets[1:])),
+                "max_len": max_len,
+            }
+        return self._dev
+
+
+def paged_attention_torch(q: torch.Tensor, batch: RaggedBatch, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor) -> torch.Tensor:
+    """q: [rows, heads, dim]; k_cache/v_cache: [slots, heads, dim]. Returns [rows, heads, dim]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty_like(q)
+    for i, slots in enumerate(batch.slot_maps):
+        a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
+        if a == b:
+            continue
+        k = k_cache.index_select(0, slots).transpose(0, 1)
+        v = v_cache.index_select(0, slots).transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k, v, scale=scale)
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+_KERNELS: dict[str, object] = {}
+
+
+def use_kernels(enabled: bool) -> None:
+    """Turn the GPU kernels on or off (they are on by default where available)."""
+    _KERNELS["disabled"] = not enabled
+
+
+def paged_attention(q: torch.Tensor, batch: RaggedBatch, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor) -> torch.Tensor:
+    if q.is_cuda and not _KERNELS.get("disabled"):
+        try:
+            from vllm_elastic.kernels import paged_attention_triton
+        except ImportError:
+            paged_attention_triton = None
+        if paged_attention_triton is not None:
+            return paged_attention_triton(q, batch, k_cache, v_cache)
+    return paged_attention_torch(q, batch, k_cache, v_cache)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention weights of a few rows: q [n, heads, dim], k [keys, heads, dim]
+    -> [heads, n, keys] in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.einsum("nhd,khd->hnk", q.float(), k.float()) * scale
+    return torch.softmax(s, dim=-1)

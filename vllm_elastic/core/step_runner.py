@@ -1,0 +1,231 @@
+"""Advances a batch of requests by one denoising step.
+
+The requests of one step may be at any stage (first full pass, different blocks, different
+policies, parameters and lengths): their rows are concatenated into one ragged batch, so
+each projection is one GEMM for the whole batch and attention is one call; no request is
+padded to another's length.
+
+A step runs in two phases:
+1. The row pass: every request's policy rows go through all layers.
+2. The refresh pass: requests whose policy asked for a refresh (Elastic-Cache's drift test
+   failed at layer l*) recompute every row from layer l*+1 on, starting from that layer's
+   cached inputs; each joins the pass at its own layer. Deciding after phase 1 costs one
+   host sync per step instead of one per layer; the rows phase 1 computed above l* are
+   overwritten by the refresh, so the tokens are those of a layer-by-layer decision.
+Then the candidates' logits decide the commits (one more host transfer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_executor.llada import LLaDAModel
+
+from .attention import RaggedBatch, paged_attention
+from .decoding import choose_tokens, select_commits
+from .kv_store import PagedKVStore
+from .policies.base import LayerView
+from .request import Request, StepOutput
+
+
+@dataclass
+class _Segment:
+    """One request's rows in a pass."""
+
+    request: Request
+    positions: list[int]  # host copy (row order)
+    pos: torch.Tensor  # device positions
+    slots: torch.Tensor  # device slots of the rows
+    start_layer: int
+    full: bool  # rows are every position, in order
+    h: torch.Tensor | None = None
+    cached_input: bool = False  # h was read from the layer-input cache at start_layer
+
+
+class StepRunner:
+    def __init__(self, model: LLaDAModel, store: PagedKVStore):
+        self.model = model
+        self.store = store
+        self.num_layers = model.cfg.n_layers
+
+    @torch.inference_mode()
+    def step(self, requests: list[Request]) -> list[StepOutput]:
+        if not requests:
+            return []
+        device = self.model.device
+        segments = []
+        for r in requests:
+            if r.finished:
+                raise ValueError(f"request {r.id!r} is already finished")
+            if r.slot_map is None:
+                raise ValueError(f"request {r.id!r} has no KV pages")
+            r.begin_step()
+            rows = r.policy.rows(full=r.needs_full_pass)
+            r.needs_full_pass = False
+            full = rows is None
+            positions = list(range(r.total_len)) if full else rows
+            pos = torch.tensor(positions, dtype=torch.long, device=device)
+            seg = _Segment(r, positions, pos, r.slot_map.index_select(0, pos), 0, full)
+            seg.h = self.model.embed(r.canvas.index_select(0, pos))
+            segments.append(seg)
+
+        final = self._run(segments, 0)
+
+        # Refresh pass for requests whose policy asks for one.
+        refresh = []
+        for seg in segments:
+            r = seg.request
+            start = r.policy.refresh_layer(self.num_layers) if not seg.full else None
+            if start is not None:
+                pos = torch.arange(r.total_len, device=device)
+                refresh.append(_Segment(r, list(range(r.total_len)), pos, r.slot_map, start,
+                                        True))
+        if refresh:
+            final.update(self._run(refresh, min(s.start_layer for s in refresh)))
+
+        # Candidates' logits -> commits.
+        all_segs = {s.request.id: s for s in segments}
+        for s in refresh:
+            all_segs[s.request.id] = s
+        cand_lists, rows = [], []
+        for r in requests:
+            seg = all_segs[r.id]
+            cands = r.candidates()
+            cand_lists.append(cands)
+            if seg.full:
+                idx = cands
+            else:
+                where = {p: i for i, p in enumerate(seg.positions)}
+                idx = [where[p] for p in cands]
+            rows.append(final[r.id].index_select(
+                0, torch.tensor(idx, dtype=torch.long, device=device)))
+        logits = self.model.logits(torch.cat(rows))
+        tokens, conf = choose_tokens(logits, requests, [len(c) for c in cand_lists])
+
+        outputs = []
+        refreshed = {s.request.id: s.start_layer for s in refresh}
+        for r, seg, cands, tk, cf in zip(requests, segments, cand_lists, tokens, conf):
+            self._account(r, seg, refreshed.get(r.id))
+            pos, tok = select_commits(r, cands, tk, cf)
+            outputs.append(r.commit(pos, tok))
+            r.policy.end_step()
+        return outputs
+
+    # -- the layer loop ----------------------------------------------------------------------
+
+    def _run(self, segments: list[_Segment], first_layer: int) -> dict[str, torch.Tensor]:
+        model, store = self.model, self.store
+        active: list[_Segment] = []
+        pending = sorted(segments, key=lambda s: s.start_layer)
+        h = None
+        batch: RaggedBatch | None = None
+        for li in range(first_layer, self.num_layers):
+            layer = model.layers[li]
+            joined = False
+            while pending and pending[0].start_layer == li:
+                seg = pending.pop(0)
+                if seg.h is None:  # a refresh starts from the layer's cached inputs
+                    seg.h = store.read_x(li, seg.slots)
+                    seg.cached_input = True
+                if h is not None:
+                    self._split(active, h)
+                active.append(seg)
+                joined = True
+            if not active:
+                continue
+            if joined or h is None:
+                h = torch.cat([s.h for s in active]) if len(active) > 1 else active[0].h
+                offsets = [0]
+                for s in active:
+                    offsets.append(offsets[-1] + len(s.positions))
+                batch = RaggedBatch(offsets, [s.request.slot_map for s in active])
+                pos = torch.cat([s.pos for s in active])
+                slots = torch.cat([s.slots for s in active])
+                hooked = [(i, s) for i, s in enumerate(active)
+                          if s.request.policy.has_layer_hooks]
+            q, k, v = layer.qkv(h, pos, model.rope)
+            views = []
+            for i, s in hooked:
+                a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
+                view = LayerView(li, layer, store, s.pos, q[a:b], h[a:b], s.full, model.rope)
+                s.request.policy.before_kv_write(view)
+                views.append((i, s, view))
+            store.write_kv(li, slots, k, v)
+            for i, s in enumerate(active):
+                if s.request.policy.keeps_layer_inputs and not (
+                        s.cached_input and li == s.start_layer):
+                    a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
+                    store.write_x(li, s.slots, h[a:b])
+            subsets = {i: view.subset for i, s, view in views
+                       if s.request.policy.selects_queries}
+            for i, s, view in views:
+                if i in subsets:
+                    subsets[i] = s.request.policy.query_subset(view)
+            if not any(v is not None for v in subsets.values()):
+                attn = paged_attention(q, batch, store.k[li], store.v[li])
+                for _, s, view in views:
+                    s.request.policy.after_attention(view)
+                h = layer.finish(h, attn)
+            else:
+                h = self._finish_subsets(layer, li, active, batch, h, q, subsets, views)
+        if h is not None:
+            self._split(active, h)
+        return {s.request.id: s.h for s in active}
+
+    def _finish_subsets(self, layer, li: int, active: list[_Segment], batch: RaggedBatch,
+                        h: torch.Tensor, q: torch.Tensor, subsets: dict, views: list
+                        ) -> torch.Tensor:
+        """Attention and MLP for each segment's query subset only (SPA-Cache's layers)."""
+        device = h.device
+        idx, offsets = [], [0]
+        for i, s in enumerate(active):
+            a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
+            sub = subsets.get(i)
+            rows = torch.arange(a, b, device=device) if sub is None else sub + a
+            idx.append(rows)
+            offsets.append(offsets[-1] + int(rows.shape[0]))
+        gather = torch.cat(idx)
+        sub_batch = RaggedBatch(offsets, batch.slot_maps)
+        attn = paged_attention(q.index_select(0, gather), sub_batch,
+                               self.store.k[li], self.store.v[li])
+        for _, s, view in views:
+            s.request.policy.after_attention(view)
+        out = layer.finish(h.index_select(0, gather), attn)
+        view_of = {i: view for i, _, view in views}
+        pieces = []
+        for i, s in enumerate(active):
+            seg_out = out[offsets[i]:offsets[i + 1]]
+            if subsets.get(i) is None:
+                pieces.append(seg_out)
+            else:
+                pieces.append(s.request.policy.merge_subset(view_of[i], subsets[i], seg_out))
+        return torch.cat(pieces)
+
+    @staticmethod
+    def _split(active: list[_Segment], h: torch.Tensor) -> None:
+        o = 0
+        for s in active:
+            n = len(s.positions)
+            s.h = h[o:o + n]
+            o += n
+
+    def _account(self, r: Request, seg: _Segment, refresh_start: int | None) -> None:
+        L = self.num_layers
+        st = r.stats
+        st.rows_full += r.total_len * L
+        st.layers_total += L
+        if seg.full:
+            st.full_steps += 1
+            st.rows_computed += r.total_len * L
+            st.layers_refreshed += L
+        elif refresh_start is not None:
+            st.drift_events += 1
+            n = len(seg.positions)
+            st.rows_computed += n * refresh_start + r.total_len * (L - refresh_start)
+            st.layers_refreshed += L - refresh_start
+            st.speculative_rows += n * (L - refresh_start)
+        else:
+            st.rows_computed += r.policy.rows_computed(len(seg.positions), L)
+
