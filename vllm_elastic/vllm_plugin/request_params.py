@@ -1,0 +1,83 @@
+"""From vLLM's request (SamplingParams + server config) to the core's GenerationParams.
+
+Precedence, lowest first:
+1. the core's defaults (`vllm_elastic.core.params`: gen_length 256, block_length 32, ...);
+2. server-wide `--additional-config '{"elastic": {...}}'`;
+3. SamplingParams fields with a meaning for LLaDA: `temperature` (Gumbel noise),
+   `seed`, `ignore_eos` (-> stop_at_eos=False);
+4. per-request `vllm_xargs` / `SamplingParams.extra_args` (same keys as the server config).
+
+`max_tokens` does not change the canvas: the request still denoises `gen_length`
+positions (LLaDA conditions on its canvas length), vLLM emits at most `max_tokens` of them
+and then finishes the request with finish_reason "length" (its KV blocks are freed at once).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from typing import Any
+
+from vllm_elastic.core.params import DecodeParams, GenerationParams, InvalidRequest, PolicyParams
+
+SERVER_CONFIG_KEY = "elastic"
+# Keys vLLM itself puts into extra_args (not ours to validate).
+_VLLM_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params"})
+_BOOL_KEYS = frozenset(f.name for cls in (DecodeParams, PolicyParams) for f in fields(cls)
+                       if str(f.type).startswith("bool"))
+_STR_KEYS = frozenset({"policy", "cache_policy", "drift"})
+
+
+def server_config(vllm_config: Any) -> dict[str, Any]:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    cfg = extra.get(SERVER_CONFIG_KEY, {}) if isinstance(extra, dict) else {}
+    if not isinstance(cfg, dict):
+        raise InvalidRequest(
+            f"--additional-config '{SERVER_CONFIG_KEY}' must be a JSON object, got {cfg!r}")
+    return dict(cfg)
+
+
+def server_defaults(vllm_config: Any) -> GenerationParams:
+    """The server's base GenerationParams (raises InvalidRequest on a bad config)."""
+    try:
+        return GenerationParams.from_dict(_parse(server_config(vllm_config)))
+    except InvalidRequest as e:
+        raise InvalidRequest(f"--additional-config {SERVER_CONFIG_KEY}: {e}") from e
+
+
+def _parse(d: dict[str, Any]) -> dict[str, Any]:
+    """vllm_xargs values arrive as str/int/float/list: read JSON literals in strings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, str) and k not in _STR_KEYS:
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        if k in _BOOL_KEYS and isinstance(v, int) and not isinstance(v, bool) and v in (0, 1):
+            v = bool(v)
+        out[k] = v
+    return out
+
+
+def request_params(sp: Any, base: GenerationParams) -> GenerationParams:
+    """The validated GenerationParams of one request (raises InvalidRequest)."""
+    extra = sp.extra_args or {}
+    if not isinstance(extra, dict):
+        raise InvalidRequest(f"vllm_xargs must be a JSON object, got {extra!r}")
+    over = _parse({k: v for k, v in extra.items() if k not in _VLLM_KEYS})
+    if "temperature" not in over:
+        over["temperature"] = float(sp.temperature or 0.0)
+    if "seed" not in over and sp.seed is not None:
+        over["seed"] = int(sp.seed)
+    if "stop_at_eos" not in over and sp.ignore_eos:
+        over["stop_at_eos"] = False
+    return GenerationParams.from_dict(over, base=base)
+
+
+def gen_length_of(sp: Any, base: GenerationParams) -> int:
+    """The canvas length of a request (validated params; base's on a bad request)."""
+    try:
+        return request_params(sp, base).decode.gen_length
+    except InvalidRequest:
+        return base.decode.gen_length
