@@ -110,5 +110,28 @@ class CheckpointReader:
             return s[start:end]
         return s[:, start:end]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def check_shapes(self, cfg: LLaDAConfig) -> None:
+        """Every tensor's full shape must be what the config says (before any slicing)."""
+        d, m, v = cfg.d_model, cfg.mlp_hidden_size, cfg.embedding_size
+        want = {PREFIX + "wte.weight": (v, d), PREFIX + "ln_f.weight": (d,)}
+        if not cfg.weight_tying:
+            want[PREFIX + "ff_out.weight"] = (v, d)
+        for i in range(cfg.n_layers):
+            b = f"{PREFIX}blocks.{i}."
+            want.update({b + "attn_norm.weight": (d,), b + "ff_norm.weight": (d,),
+                         b + "q_proj.weight": (d, d), b + "k_proj.weight": (d, d),
+                         b + "v_proj.weight": (d, d), b + "attn_out.weight": (d, d),
+                         b + "ff_proj.weight": (m, d), b + "up_proj.weight": (m, d),
+                         b + "ff_out.weight": (d, m)})
+        for name, shape in want.items():
+            got = self.shape(name)
+            if got != shape:
+                raise CheckpointError(
+                    f"{self.folder}: {name} has shape {got}, which does not match config "
+                    f"(expected {shape})")
+
     def names(self) -> Iterator[str]:
         return iter(self.weight_map)

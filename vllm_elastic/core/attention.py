@@ -33,12 +33,19 @@ class RaggedBatch:
         if self._dev is None:
             lens = [int(s.shape[0]) for s in self.slot_maps]
             max_len = max(lens)
-            table = torch.zeros(len(lens), max_len, dtype=torch.int32, device=device)
-            for i, s in enumerate(self.slot_maps):
-                table[i, :lens[i]] = s.to(torch.int32)
+            # One padded gather in C++ instead of a Python loop of per-request copies.
+            table = torch.nn.utils.rnn.pad_sequence(
+                list(self.slot_maps), batch_first=True).to(device=device, dtype=torch.int32)
+            # Offsets and lengths in one host->device copy from pinned memory, so building
+            # the metadata mid-step never waits for the device.
+            host = torch.tensor(list(self.row_offsets) + lens, dtype=torch.int32)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            both = host.to(device, non_blocking=True)
+            n = len(self.row_offsets)
             self._dev = {
-                "row_offsets": torch.tensor(self.row_offsets, dtype=torch.int32, device=device),
-                "kv_lens": torch.tensor(lens, dtype=torch.int32, device=device),
+                "row_offsets": both[:n],
+                "kv_lens": both[n:],
                 "slot_table": table,
                 "max_rows": max(b - a for a, b in zip(self.row_offsets, self.row_offsets[1:])),
                 "max_len": max_len,
@@ -70,14 +77,18 @@ def use_kernels(enabled: bool) -> None:
     _KERNELS["disabled"] = not enabled
 
 
+def kernels_disabled() -> bool:
+    return bool(_KERNELS.get("disabled"))
+
+
 def paged_attention(q: torch.Tensor, batch: RaggedBatch, k_cache: torch.Tensor,
                     v_cache: torch.Tensor) -> torch.Tensor:
-    if q.is_cuda and not _KERNELS.get("disabled"):
+    if (q.is_cuda or q.device.type == "cpu") and not _KERNELS.get("disabled"):
         try:
-            from vllm_elastic.kernels import paged_attention_triton
+            from vllm_elastic.kernels import enabled, paged_attention_triton
         except ImportError:
             paged_attention_triton = None
-        if paged_attention_triton is not None:
+        if paged_attention_triton is not None and enabled(q):
             return paged_attention_triton(q, batch, k_cache, v_cache)
     return paged_attention_torch(q, batch, k_cache, v_cache)
 

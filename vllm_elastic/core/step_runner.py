@@ -24,6 +24,17 @@ import torch
 from model_executor.llada import LLaDAModel
 
 from .attention import RaggedBatch, paged_attention
+
+try:  # Triton kernels (CUDA); absent or unused on CPU
+    from vllm_elastic import kernels as _kernels
+    from vllm_elastic.kernels import layer_ops as _layer_ops
+except ImportError:  # pragma: no cover - Triton missing
+    _kernels = None
+    _layer_ops = None
+
+
+def _kernels_enabled(t: torch.Tensor) -> bool:
+    return _kernels is not None and _kernels.AVAILABLE and _kernels.enabled(t)
 from .decoding import choose_tokens, select_commits
 from .kv_store import PagedKVStore
 from .policies.base import LayerView
@@ -71,9 +82,13 @@ class StepRunner:
             seg.h = self.model.embed(r.canvas.index_select(0, pos))
             segments.append(seg)
 
+        self._fast = _kernels_enabled(segments[0].h)
+        self._elastic = self._elastic_batch(segments) if self._fast else None
         final = self._run(segments, 0)
 
         # Refresh pass for requests whose policy asks for one.
+        if self._elastic is not None:
+            self._elastic.refresh_layers()  # one host transfer for every request
         refresh = []
         for seg in segments:
             r = seg.request
@@ -102,6 +117,8 @@ class StepRunner:
             rows.append(final[r.id].index_select(
                 0, torch.tensor(idx, dtype=torch.long, device=device)))
         logits = self.model.logits(torch.cat(rows))
+        if self._elastic is not None:
+            self._elastic.finish_step()  # picks to the host with the sync below
         tokens, conf = choose_tokens(logits, requests, [len(c) for c in cand_lists])
 
         outputs = []
@@ -143,21 +160,51 @@ class StepRunner:
                 batch = RaggedBatch(offsets, [s.request.slot_map for s in active])
                 pos = torch.cat([s.pos for s in active])
                 slots = torch.cat([s.slots for s in active])
+                eb = self._elastic
+                if eb is not None:  # batched Elastic hooks replace the per-request ones
+                    eb.begin_pass([(s.request.policy if eb.eligible(s.request.policy)
+                                    else None, s.full, s.pos, s.slots) for s in active],
+                                  offsets, batch.device_meta(h.device), li)
                 hooked = [(i, s) for i, s in enumerate(active)
-                          if s.request.policy.has_layer_hooks]
-            q, k, v = layer.qkv(h, pos, model.rope)
-            views = []
-            for i, s in hooked:
-                a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
-                view = LayerView(li, layer, store, s.pos, q[a:b], h[a:b], s.full, model.rope)
-                s.request.policy.before_kv_write(view)
-                views.append((i, s, view))
-            store.write_kv(li, slots, k, v)
-            for i, s in enumerate(active):
-                if s.request.policy.keeps_layer_inputs and not (
-                        s.cached_input and li == s.start_layer):
+                          if s.request.policy.has_layer_hooks
+                          and not (eb is not None and eb.eligible(s.request.policy))]
+                # Layer inputs are written for the rows of policies that keep them: one
+                # write for the whole batch. (A refresh segment re-writes, at its start
+                # layer, the very inputs it just read: a no-op.)
+                keep = [s.request.policy.keeps_layer_inputs for s in active]
+                if all(keep):
+                    x_rows, x_slots = None, slots
+                elif any(keep):
+                    x_rows = torch.cat([torch.arange(offsets[i], offsets[i + 1],
+                                                     device=h.device)
+                                        for i in range(len(active)) if keep[i]])
+                    x_slots = slots.index_select(0, x_rows)
+                else:
+                    x_rows, x_slots = None, None
+                fused = self._fast and not hooked
+            if fused:
+                # Fused path: norm + GEMM, batched Elastic probe of the old K, then RoPE
+                # and the K/V page write in one launch.
+                qkv = _layer_ops.qkv_projection(layer, h)
+                if eb is not None:
+                    eb.before_kv_write(li, layer, store, model.rope)
+                q = _kernels.rope_kv_write_triton(qkv, pos, slots, model.rope.cos,
+                                                  model.rope.sin, store.k[li], store.v[li])
+                views = []
+            else:
+                q, k, v = layer.qkv(h, pos, model.rope)
+                if eb is not None:
+                    eb.before_kv_write(li, layer, store, model.rope)
+                views = []
+                for i, s in hooked:
                     a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
-                    store.write_x(li, s.slots, h[a:b])
+                    view = LayerView(li, layer, store, s.pos, q[a:b], h[a:b], s.full,
+                                     model.rope)
+                    s.request.policy.before_kv_write(view)
+                    views.append((i, s, view))
+                store.write_kv(li, slots, k, v)
+            if x_slots is not None:
+                store.write_x(li, x_slots, h if x_rows is None else h.index_select(0, x_rows))
             subsets = {i: view.subset for i, s, view in views
                        if s.request.policy.selects_queries}
             for i, s, view in views:
@@ -165,13 +212,19 @@ class StepRunner:
                     subsets[i] = s.request.policy.query_subset(view)
             if not any(v is not None for v in subsets.values()):
                 attn = paged_attention(q, batch, store.k[li], store.v[li])
+                if eb is not None:
+                    eb.after_attention(li, q, store)
                 for _, s, view in views:
                     s.request.policy.after_attention(view)
-                h = layer.finish(h, attn)
+                h = _layer_ops.finish(layer, h, attn) if self._fast else layer.finish(h, attn)
             else:
+                if eb is not None:
+                    raise AssertionError("batched Elastic hooks with a query subset")
                 h = self._finish_subsets(layer, li, active, batch, h, q, subsets, views)
         if h is not None:
             self._split(active, h)
+        if self._elastic is not None:
+            self._elastic.end_pass()
         return {s.request.id: s.h for s in active}
 
     def _finish_subsets(self, layer, li: int, active: list[_Segment], batch: RaggedBatch,
@@ -202,6 +255,20 @@ class StepRunner:
             else:
                 pieces.append(s.request.policy.merge_subset(view_of[i], subsets[i], seg_out))
         return torch.cat(pieces)
+
+    def _elastic_batch(self, segments: list[_Segment]):
+        """The batched Elastic hooks for this step, or None (per-request hooks)."""
+        from .policies.elastic import ElasticBatch
+
+        pols = [s.request.policy for s in segments
+                if ElasticBatch.eligible(s.request.policy)]
+        if not pols:
+            return None
+        limit = _kernels.probe_max_rows()
+        for p in pols:
+            if max(p._n_track + p._n_window, len(p._window_pos)) > limit:
+                return None
+        return ElasticBatch(pols, self.num_layers, self.model.device)
 
     @staticmethod
     def _split(active: list[_Segment], h: torch.Tensor) -> None:
