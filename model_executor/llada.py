@@ -129,27 +129,43 @@ class LLaDAModel:
     def random(cls, cfg: LLaDAConfig, dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device = "cpu", tp: TensorParallel | None = None,
                seed: int = 0, std: float = 0.02) -> "LLaDAModel":
-        """Random weights built in place (speed measurements at real shapes)."""
-        tp = tp or TensorParallel()
-        g = torch.Generator(device=device).manual_seed(seed + 1000 * tp.rank)
-        d = cfg.d_model
-        heads = cfg.n_heads // tp.world_size
-        a = heads * cfg.head_dim
-        m = cfg.mlp_hidden_size // tp.world_size
-        v = cfg.embedding_size // tp.world_size
+        """Random weights built in place (speed measurements at real shapes).
 
-        def rnd(*shape: int) -> torch.Tensor:
-            return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std
-                    ).to(dtype)
+        Every full tensor is drawn from its own seeded generator and then sharded, so any
+        tensor-parallel size holds slices of the same model."""
+        tp = tp or TensorParallel()
+        d = cfg.d_model
+        h0, h1 = tp.shard(cfg.n_heads, "n_heads")
+        a0, a1 = h0 * cfg.head_dim, h1 * cfg.head_dim
+        m0, m1 = tp.shard(cfg.mlp_hidden_size, "mlp_hidden_size")
+        v0, v1 = tp.shard(cfg.embedding_size, "embedding_size")
+        counter = iter(range(1 << 30))
+
+        def rnd(rows: int, cols: int, r: tuple[int, int] | None = None,
+                c: tuple[int, int] | None = None) -> torch.Tensor:
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + next(counter))
+            w = torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32)
+            if r is not None:
+                w = w[r[0]:r[1]]
+            if c is not None:
+                w = w[:, c[0]:c[1]]
+            return (w * std).to(dtype).contiguous()
 
         def ones() -> torch.Tensor:
             return torch.ones(d, device=device, dtype=dtype)
 
-        layers = [LLaDALayer(cfg, tp, {
-            "attn_norm": ones(), "qkv": rnd(3 * a, d), "attn_out": rnd(d, a),
-            "ff_norm": ones(), "gate_up": rnd(2 * m, d), "ff_out": rnd(d, m),
-        }) for _ in range(cfg.n_layers)]
-        return cls(cfg, layers, rnd(v, d), ones(), rnd(v, d), tp)
+        layers = []
+        for _ in range(cfg.n_layers):
+            qkv = torch.cat([rnd(d, d, (a0, a1)) for _ in range(3)])
+            attn_out = rnd(d, d, c=(a0, a1))
+            gate_up = torch.cat([rnd(cfg.mlp_hidden_size, d, (m0, m1)) for _ in range(2)])
+            ff_out = rnd(d, cfg.mlp_hidden_size, c=(m0, m1))
+            layers.append(LLaDALayer(cfg, tp, {
+                "attn_norm": ones(), "qkv": qkv, "attn_out": attn_out,
+                "ff_norm": ones(), "gate_up": gate_up, "ff_out": ff_out}))
+        wte = rnd(cfg.embedding_size, d, (v0, v1))
+        head = rnd(cfg.embedding_size, d, (v0, v1))
+        return cls(cfg, layers, wte, ones(), head, tp)
 
     # -- computation ----------------------------------------------------------------------
 
