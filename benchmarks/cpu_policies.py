@@ -73,12 +73,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--gammas", default="0.8,0.9,0.95,0.99")
     ap.add_argument("--out", default="benchmarks/cpu_policies.json")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     tok = load_tokenizer(args.model)
-    items = [json.loads(l) for l in open(args.tasks)][:args.limit]
+    items = [json.loads(l) for l in open(args.tasks)]
+    if args.limit is not None:  # the same number of each task kind, interleaved
+        by_task: dict[str, list] = {}
+        for it in items:
+            by_task.setdefault(it["task"], []).append(it)
+        items = [it for group in zip(*by_task.values()) for it in group][:args.limit]
     prompts = [render_prompt(tok, {"messages": it["messages"]}) for it in items]
-    engine = Engine.from_pretrained(args.model, dtype=torch.float32,
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
+    engine = Engine.from_pretrained(args.model, dtype=torch.float32, device=args.device,
                                     max_batch_size=args.batch_size,
                                     max_request_tokens=max(map(len, prompts)) + args.gen_length)
     stop = engine.special.stop
@@ -112,7 +119,7 @@ def main() -> None:
     none_tps = {r["config"].split("(")[1]: r["tokens_per_s"] for r in rows
                 if r["config"].startswith("none")}
     print(f"\n{len(items)} dev prompts, G={args.gen_length}, B={args.block_length}, "
-          f"tau={args.threshold}, float32, CPU, batch {args.batch_size}\n")
+          f"tau={args.threshold}, float32, {args.device}, batch {args.batch_size}\n")
     print("| config | answer agr. | seq. agr. | token agr. | accuracy | rows/layer | "
           "compute frac. | layer-refresh frac. | tokens/step | tok/s | speedup vs none |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

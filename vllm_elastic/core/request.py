@@ -54,6 +54,7 @@ class StepOutput:
     new_final_tokens: list[int]  # tokens now final at the left edge (what a stream emits)
     finished: bool
     finish_reason: str | None  # "stop" (EOS / end of turn) or "length"
+    stats: RequestStats | None = None  # the request's running totals (rows, refreshes, ...)
 
 
 class Request:
@@ -168,7 +169,7 @@ class Request:
             self.finished = True
             self.finish_reason = "stop" if self.stop_pos is not None else "length"
         return StepOutput(self.id, committed, list(new_final), self.finished,
-                          self.finish_reason)
+                          self.finish_reason, self.stats)
 
     def output_token_ids(self) -> list[int]:
         """Generated ids up to and including the first stop token (no padding after it)."""

@@ -1,0 +1,1 @@
+"""Deployments of vLLM engines with the elastic plugin (Ray Serve)."""
