@@ -124,10 +124,64 @@ def test_small_kv_pool_all_finish(tp1_small_pool, core16, requests16):
     _check_against_core(results, core16, requests16)
 
 
+CORE_TP2_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def run(rank, job_path, out_path, port):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        torch.set_num_threads(1)
+        from model_executor.parallel import TensorParallel
+        from vllm_elastic.core import Engine, GenerationParams
+        job = json.load(open(job_path))
+        eng = Engine.from_pretrained(job["model"], max_batch_size=8, max_request_tokens=512,
+                                     tp=TensorParallel.from_process_group())
+        res = eng.generate([r["prompt"] for r in job["requests"]],
+                           [GenerationParams.from_dict(p) for p in job["params"]])
+        if rank == 0:
+            json.dump([r.token_ids for r in res], open(out_path, "w"))
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=tuple(sys.argv[1:3]) + (int(sys.argv[3]),), nprocs=2)
+''')
+
+
+def _core_tp2(tmp_path, model_dir, requests):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script, job, out = tmp_path / "core_tp2.py", tmp_path / "core_tp2.json", tmp_path / "o.json"
+    script.write_text(CORE_TP2_SCRIPT)
+    params = [{**SERVER_CFG, **r["extra_args"], "temperature": r["temperature"]}
+              for r in requests]
+    job.write_text(json.dumps({"model": model_dir, "requests": requests, "params": params}))
+    p = subprocess.run([sys.executable, str(script), str(job), str(out), str(port)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return json.loads(out.read_text())
+
+
 def test_tensor_parallel_2_matches_tp1(tmp_path, model_dir, requests16, tp1_small_pool):
-    reqs = requests16[:8]
-    results, log = _run_llm(tmp_path, model_dir, reqs, _llm_kwargs(tensor_parallel_size=2),
-                            {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "tp2")
+    """TP=2 (mp executor, gloo) gives TP=1's tokens.
+
+    Exception, from the engine core itself: SPA-Cache's row selection (cosine top-k) can
+    differ under TP=2 (seen on dev prompt 4; the standalone core with a gloo group gives
+    the same tokens as vLLM TP=2), so for SPA the reference is the core's own TP=2 output on
+    the same batch (its SPA tokens under TP=2 even change with the batch composition).
+    """
+    reqs = requests16[:6]  # one request per policy
+    results, _ = _run_llm(tmp_path, model_dir, reqs, _llm_kwargs(tensor_parallel_size=2),
+                          {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "tp2")
     tp1, _ = tp1_small_pool
-    assert [r["token_ids"] for r in results] == [r["token_ids"] for r in tp1[:8]]
-    assert [r["finish_reason"] for r in results] == [r["finish_reason"] for r in tp1[:8]]
+    spa = [i for i, r in enumerate(reqs) if r["extra_args"]["policy"] == "spa"]
+    for i, (res, ref) in enumerate(zip(results, tp1)):
+        if i not in spa:
+            assert res["token_ids"] == ref["token_ids"], (i, reqs[i]["extra_args"])
+            assert res["finish_reason"] == ref["finish_reason"], i
+    core = _core_tp2(tmp_path, model_dir, reqs)  # same batch: SPA under TP is that sensitive
+    for i in spa:
+        assert results[i]["token_ids"] == core[i][:reqs[i]["max_tokens"]], i

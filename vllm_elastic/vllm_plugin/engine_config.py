@@ -21,7 +21,7 @@ from .request_params import server_defaults
 
 from vllm.logger import init_logger
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under vLLM's configured "vllm" logger
 
 SCHEDULER_CLS = "vllm_elastic.vllm_plugin.scheduler.ElasticScheduler"
 CPU_WORKER_CLS = "vllm_elastic.vllm_plugin.worker.ElasticCPUWorker"

@@ -40,7 +40,7 @@ from .request_params import request_params, server_defaults
 
 from vllm.logger import init_logger
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under vLLM's configured "vllm" logger
 
 POOL_LAYER = "vllm_elastic.kv_pool"
 

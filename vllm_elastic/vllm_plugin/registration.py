@@ -18,7 +18,7 @@ import sys
 
 from vllm.logger import init_logger
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under vLLM's configured "vllm" logger
 
 ARCH = "LLaDAModelLM"
 MODEL_CLS = "vllm_elastic.vllm_plugin.model:LLaDAModelLM"
