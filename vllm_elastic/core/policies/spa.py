@@ -72,7 +72,7 @@ class SpaCache(CachePolicy):
     def rows(self, full: bool = False) -> list[int] | None:
         r, p = self.request, self.params
         self._computed = 0
-        if self._gen_slots is None:
+        if self._gen_slots is None or full:  # full: new pages after a preemption
             self._gen_slots = r.slot_map[r.prompt_len:]
         if full or r.step_index % p.spa_refresh == 0 or p.force_refresh:
             self.mode = "full"
