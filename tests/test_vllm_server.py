@@ -297,15 +297,15 @@ def test_preempted_requests_resume(server, client, engine, dev_prompts):
     """Running requests preempted mid-generation (their blocks freed) resume on new blocks
     and finish; none is lost. Policy 'none' recomputes everything each step, so its tokens
     must still equal the core's; cached policies do one full pass on resume."""
-    policies = ["none", "none", "elastic", "dual"]
-    prompts = dev_prompts[8:12]
+    policies = ["none", "none", "elastic", "spa", "dual"]
+    prompts = dev_prompts[8:13]
     before = _metric(_metrics(server), "vllm:num_preemptions_total")
 
     def ask(p, pol):
         return _completion(client, p, False, max_tokens=100, temperature=0,
                            extra_body={"vllm_xargs": {"policy": pol}})
 
-    with cf.ThreadPoolExecutor(4) as pool:
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(ask, p, pol) for p, pol in zip(prompts, policies)]
         deadline = time.time() + 60
         while time.time() < deadline and \
