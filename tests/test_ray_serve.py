@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import json
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -28,8 +29,12 @@ def _free_port() -> int:
 def _post(url: str, body: dict) -> tuple[dict, str]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read()), r.headers.get("x-served-by")
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read()), r.headers.get("x-served-by")
+    except urllib.error.HTTPError as e:
+        e.msg = f"{e.msg}: {e.read().decode(errors='replace')}"
+        raise
 
 
 def test_two_replicas_serve_and_match_core(model_dir, dev_items, tokenizer, engine):

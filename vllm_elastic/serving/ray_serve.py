@@ -12,6 +12,7 @@ size them; each replica is one `AsyncLLM` engine serving OpenAI-style
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import uuid
@@ -47,7 +48,8 @@ class LLaDAServer:
 
     async def _tokens(self, body: dict[str, Any], chat: bool) -> list[int]:
         if self.tokenizer is None:
-            self.tokenizer = await self.engine.get_tokenizer()
+            tok = self.engine.get_tokenizer()
+            self.tokenizer = await tok if inspect.isawaitable(tok) else tok
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
