@@ -94,11 +94,7 @@ class LLaDAModel:
                         tp: TensorParallel | None = None) -> "LLaDAModel":
         cfg = check_folder(folder, need_tokenizer=False)
         tp = tp or TensorParallel()
-        d = cfg.d_model
-        h0, h1 = tp.shard(cfg.n_heads, "n_heads")
-        a0, a1 = h0 * cfg.head_dim, h1 * cfg.head_dim
-        m0, m1 = tp.shard(cfg.mlp_hidden_size, "mlp_hidden_size")
-        v0, v1 = tp.shard(cfg.embedding_size, "embedding_size")
+        (a0, a1), (m0, m1), (v0, v1) = _shard_ranges(cfg, tp)
 
         def put(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype).contiguous()
@@ -135,10 +131,7 @@ class LLaDAModel:
         tensor-parallel size holds slices of the same model."""
         tp = tp or TensorParallel()
         d = cfg.d_model
-        h0, h1 = tp.shard(cfg.n_heads, "n_heads")
-        a0, a1 = h0 * cfg.head_dim, h1 * cfg.head_dim
-        m0, m1 = tp.shard(cfg.mlp_hidden_size, "mlp_hidden_size")
-        v0, v1 = tp.shard(cfg.embedding_size, "embedding_size")
+        (a0, a1), (m0, m1), (v0, v1) = _shard_ranges(cfg, tp)
         counter = iter(range(1 << 30))
 
         def rnd(rows: int, cols: int, r: tuple[int, int] | None = None,
@@ -207,3 +200,11 @@ class LLaDAModel:
             h = layer.finish(h, attn)
         return self.logits(h)
 
+
+def _shard_ranges(cfg: LLaDAConfig, tp: TensorParallel
+                  ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """This rank's [start, end) of the attention width, the MLP width and the vocabulary."""
+    h0, h1 = tp.shard(cfg.n_heads, "n_heads")
+    return ((h0 * cfg.head_dim, h1 * cfg.head_dim),
+            tp.shard(cfg.mlp_hidden_size, "mlp_hidden_size"),
+            tp.shard(cfg.embedding_size, "embedding_size"))
