@@ -79,13 +79,29 @@ def client(server):
     return OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=600)
 
 
-def _core(engine, prompt_ids, xargs, temperature=0.0, seed=None):
+def _core_many(engine, jobs):
+    """The core's results for (prompt ids, xargs, temperature, seed) jobs.
+
+    Each distinct job runs alone: the core's SPA-Cache tokens are not invariant to the batch
+    composition (its cosine top-k row selection flips on float-level differences of the
+    batched GEMMs), while vLLM's batches are whatever the concurrent requests make.
+    """
     from vllm_elastic.core import GenerationParams
 
-    d = {**SERVER_CFG, **xargs, "temperature": temperature}
-    if seed is not None:
-        d["seed"] = seed
-    return engine.generate([prompt_ids], GenerationParams.from_dict(d))[0]
+    keys = list(dict.fromkeys(json.dumps(j) for j in jobs))
+    params = []
+    for k in keys:
+        _, xargs, temperature, seed = json.loads(k)
+        d = {**SERVER_CFG, **xargs, "temperature": temperature}
+        if seed is not None:
+            d["seed"] = seed
+        params.append(GenerationParams.from_dict(d))
+    by_key = {k: engine.generate([json.loads(k)[0]], [p])[0] for k, p in zip(keys, params)}
+    return [by_key[json.dumps(j)] for j in jobs]
+
+
+def _core(engine, prompt_ids, xargs, temperature=0.0, seed=None):
+    return _core_many(engine, [(prompt_ids, xargs, temperature, seed)])[0]
 
 
 # -- one call of each kind, returning (prompt ids, token ids, text, finish, usage) ---------
@@ -172,12 +188,12 @@ def test_concurrent_requests_match_core(client, engine, dev_items, dev_prompts, 
         futures = [pool.submit(job[-1]) for job in jobs]
         answers = [f.result() for f in futures]
 
+    refs = _core_many(engine, [(j[2], j[3], j[4]["temperature"], j[5]) for j in jobs])
     texts = {}
-    for (i, stream, prompt, xargs, kw, seed, _), ans in zip(jobs, answers):
+    for (i, stream, prompt, xargs, kw, seed, _), ans, ref in zip(jobs, answers, refs):
         prompt_ids, ids, text, finish, usage = ans
         if prompt_ids is not None:
             assert list(prompt_ids) == prompt, (i, stream)
-        ref = _core(engine, prompt, xargs, kw["temperature"], seed)
         max_tokens = kw.get("max_tokens")
         want = ref.token_ids[:max_tokens] if max_tokens else ref.token_ids
         assert list(ids) == want, (i, stream, xargs)
@@ -315,11 +331,12 @@ def test_preempted_requests_resume(server, client, engine, dev_prompts):
         _post(server, "/reset_prefix_cache?reset_running_requests=true")
         answers = [f.result() for f in futures]
     assert _metric(_metrics(server), "vllm:num_preemptions_total") > before
-    for p, pol, (_, ids, _, finish, usage) in zip(prompts, policies, answers):
+    refs = _core_many(engine, [(p, {"policy": "none"}, 0.0, None) for p in prompts[:2]])
+    for i, (pol, (_, ids, _, finish, usage)) in enumerate(zip(policies, answers)):
         assert finish in ("stop", "length") and ids
         assert usage.completion_tokens == len(ids)
         if pol == "none":
-            assert list(ids) == _core(engine, p, {"policy": pol}).token_ids
+            assert list(ids) == refs[i].token_ids
 
 
 def test_blocks_freed_after_finish_and_abort(server, client):
@@ -340,3 +357,15 @@ def test_blocks_freed_after_finish_and_abort(server, client):
         time.sleep(0.2)
     assert _metric(text, "vllm:kv_cache_usage_perc") == 0.0
     test_good_request_after_bad_ones(client)
+
+
+def test_stop_strings(client, dev_prompts):
+    """Stop strings are vLLM's (frontend): the answer is cut before the string, "stop"."""
+    kw = dict(max_tokens=64, temperature=0, extra_body={"vllm_xargs": {"policy": "dual"}})
+    full = client.completions.create(model=MODEL_NAME, prompt=dev_prompts[0], **kw)
+    text = full.choices[0].text
+    assert len(text) > 4
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.completions.create(model=MODEL_NAME, prompt=dev_prompts[0], stop=[stop], **kw)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[:text.index(stop)]
