@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# The CPU GEMM takes another code path (another rounding) below this many rows, so a row's
+# result would depend on how many rows share its call. Padding small calls up to it makes
+# every row's result independent of its batch: a request's tokens do not depend on which
+# requests it is batched with.
+_CPU_MIN_GEMM_ROWS = 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,3 +45,13 @@ class RotaryEmbedding:
         half = xf.shape[-1] // 2
         rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, with the same rounding for a row whatever the number of rows (CPU)."""
+    n = x.shape[0]
+    if 0 < n < _CPU_MIN_GEMM_ROWS and x.device.type == "cpu" and x.dim() == 2:
+        padded = torch.zeros(_CPU_MIN_GEMM_ROWS, x.shape[1], dtype=x.dtype, device=x.device)
+        padded[:n] = x
+        return F.linear(padded, weight)[:n]
+    return F.linear(x, weight)

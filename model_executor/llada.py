@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .checkpoint import PREFIX, CheckpointReader, check_folder
 from .config import LLaDAConfig
-from .layers import RotaryEmbedding, rms_norm
+from .layers import RotaryEmbedding, linear, rms_norm
 from .parallel import TensorParallel
 
 
@@ -49,7 +49,7 @@ class LLaDALayer:
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows' post-RoPE q, k and v, each [rows, heads_local, head_dim]."""
         x = rms_norm(h, self.attn_norm, self.cfg.rms_norm_eps)
-        qkv = F.linear(x, self.w_qkv).view(h.shape[0], 3, self.n_heads, self.head_dim)
+        qkv = linear(x, self.w_qkv).view(h.shape[0], 3, self.n_heads, self.head_dim)
         q, k, v = qkv.unbind(1)
         return rope.apply(q, positions), rope.apply(k, positions), v
 
@@ -58,16 +58,16 @@ class LLaDALayer:
         """Rows' post-RoPE q only (for recomputing a cached query from a cached layer input)."""
         x = rms_norm(h, self.attn_norm, self.cfg.rms_norm_eps)
         n = self.n_heads * self.head_dim
-        q = F.linear(x, self.w_qkv[:n]).view(h.shape[0], self.n_heads, self.head_dim)
+        q = linear(x, self.w_qkv[:n]).view(h.shape[0], self.n_heads, self.head_dim)
         return rope.apply(q, positions)
 
     def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual attention output, then the gated MLP: the rows' layer output."""
-        o = F.linear(attn.reshape(h.shape[0], -1), self.w_o)
+        o = linear(attn.reshape(h.shape[0], -1), self.w_o)
         h = h + self.tp.all_reduce(o)
         x = rms_norm(h, self.ff_norm, self.cfg.rms_norm_eps)
-        gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
-        down = F.linear(F.silu(gate) * up, self.w_down)
+        gate, up = linear(x, self.w_gate_up).chunk(2, dim=-1)
+        down = linear(F.silu(gate) * up, self.w_down)
         return h + self.tp.all_reduce(down)
 
 
@@ -182,7 +182,7 @@ class LLaDAModel:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [rows, embedding_size] (gathered over ranks)."""
         x = rms_norm(h, self.ln_f, self.cfg.rms_norm_eps)
-        out = F.linear(x, self.head)
+        out = linear(x, self.head)
         if self.cfg.scale_logits:
             out = out * (1.0 / math.sqrt(self.cfg.d_model))
         return self.tp.all_gather_last(out)

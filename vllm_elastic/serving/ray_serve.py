@@ -74,6 +74,8 @@ class LLaDAServer:
             fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
             if isinstance(fields.get("logprobs"), bool):  # chat's boolean form
                 fields["logprobs"] = body.get("top_logprobs", 1) if fields["logprobs"] else None
+            # As vLLM's OpenAI server: without max_tokens the canvas length governs.
+            fields.setdefault("max_tokens", self.engine.model_config.max_model_len - len(ids))
             params = SamplingParams(**fields, extra_args=body.get("vllm_xargs"))
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             final = None

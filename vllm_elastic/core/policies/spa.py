@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model_executor.layers import rms_norm
+from model_executor.layers import linear, rms_norm
 
 from .base import CachePolicy, LayerView
 
@@ -95,7 +95,8 @@ class SpaCache(CachePolicy):
         off = r.prompt_len if view.refreshing else 0
         h_gen = view.h[off:]
         w = proxy_weights(view.layer, self.params.proxy_rank)
-        proxy = F.linear(rms_norm(h_gen, view.layer.attn_norm, view.layer.cfg.rms_norm_eps), w).float()
+        x = rms_norm(h_gen, view.layer.attn_norm, view.layer.cfg.rms_norm_eps)
+        proxy = linear(x, w).float()
         while len(self._prev) < num_layers:
             self._prev.append(None)
         prev = self._prev[l]
