@@ -1,12 +1,12 @@
-"""Every cache policy on the mini model's dev tasks, on the CPU: fidelity and cost.
+"""Every cache policy on the mini model's dev tasks: fidelity and cost (CPU or GPU, float32).
 
 For each policy: answer and token agreement with full recompute (`none`) under the same
 decoding rule (Elastic-Cache's sliding window is compared with `none` on the same window),
 accuracy, rows computed per layer, compute and layer-refresh fractions, tokens per step and
 CPU tokens/s; then Elastic-Cache's agreement and compute fraction over gamma.
 
-    python benchmarks/cpu_policies.py --model ../shared/models/mini-llada-v1 \
-        --tasks ../shared/data/mini-tasks/dev.jsonl --out benchmarks/cpu_policies.json
+    python benchmarks/policy_table.py --model ../shared/models/mini-llada-v1 \
+        --tasks ../shared/data/mini-tasks/dev.jsonl --out benchmarks/policy_table.json
 
 Prints a markdown table last. Tokens/s count generated tokens up to the first EOS / end of
 turn (never padding) over wall time.
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--gammas", default="0.8,0.9,0.95,0.99")
-    ap.add_argument("--out", default="benchmarks/cpu_policies.json")
+    ap.add_argument("--out", default="benchmarks/policy_table.json")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
