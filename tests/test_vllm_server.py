@@ -228,6 +228,7 @@ BAD = [
     ("chat", {"extra_body": {"vllm_xargs": {"gen_lenght": 64}}}, "unknown generation parameter"),
     ("chat", {"extra_body": {"vllm_xargs": {"gen_length": "lots"}}}, "gen_length"),
     ("chat", {"extra_body": {"vllm_xargs": {"threshold": 2.0}}}, "threshold"),
+    ("chat", {"extra_body": {"vllm_xargs": {"policy": "dual", "window": 8}}}, "window"),
     ("completion_long", {}, "exceeds"),
     ("completion_too_long", {}, ""),
 ]

@@ -35,7 +35,10 @@ class LLaDAEngineConfig(VerifyAndUpdateConfig):
         from vllm.config import CompilationMode
         from vllm.platforms import current_platform
 
-        base = server_defaults(vllm_config)  # a bad --additional-config fails start-up here
+        from vllm_elastic.core.params import GenerationParams
+
+        # A bad --additional-config fails start-up here.
+        base = GenerationParams.from_dict(server_defaults(vllm_config))
         if vllm_config.lora_config is not None:
             raise ValueError("LLaDA (vllm-elastic) does not support LoRA adapters")
         if vllm_config.speculative_config is not None:

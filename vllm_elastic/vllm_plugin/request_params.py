@@ -26,6 +26,9 @@ _VLLM_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params"})
 _BOOL_KEYS = frozenset(f.name for cls in (DecodeParams, PolicyParams) for f in fields(cls)
                        if str(f.type).startswith("bool"))
 _STR_KEYS = frozenset({"policy", "cache_policy", "drift"})
+# Policies whose rows are the current block: a sliding window's candidates would lie
+# outside them (the core's step runner fails on that combination).
+_BLOCKWISE_POLICIES = frozenset({"prefix", "dual"})
 
 
 def server_config(vllm_config: Any) -> dict[str, Any]:
@@ -37,12 +40,19 @@ def server_config(vllm_config: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def server_defaults(vllm_config: Any) -> GenerationParams:
-    """The server's base GenerationParams (raises InvalidRequest on a bad config)."""
+def server_defaults(vllm_config: Any) -> dict[str, Any]:
+    """The server's parameter overrides, checked (raises InvalidRequest on a bad config).
+
+    Kept as a dict and merged with each request's overrides before the core builds the
+    GenerationParams: a GenerationParams base would carry values the core derives from the
+    server's policy (e.g. Elastic-Cache's default window) into requests of other policies.
+    """
+    cfg = _parse(server_config(vllm_config))
     try:
-        return GenerationParams.from_dict(_parse(server_config(vllm_config)))
+        GenerationParams.from_dict(cfg)
     except InvalidRequest as e:
         raise InvalidRequest(f"--additional-config {SERVER_CONFIG_KEY}: {e}") from e
+    return cfg
 
 
 def _parse(d: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +70,7 @@ def _parse(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def request_params(sp: Any, base: GenerationParams) -> GenerationParams:
+def request_params(sp: Any, base: dict[str, Any]) -> GenerationParams:
     """The validated GenerationParams of one request (raises InvalidRequest)."""
     extra = sp.extra_args or {}
     if not isinstance(extra, dict):
@@ -72,12 +82,17 @@ def request_params(sp: Any, base: GenerationParams) -> GenerationParams:
         over["seed"] = int(sp.seed)
     if "stop_at_eos" not in over and sp.ignore_eos:
         over["stop_at_eos"] = False
-    return GenerationParams.from_dict(over, base=base)
+    params = GenerationParams.from_dict({**base, **over})
+    if params.decode.window is not None and params.policy.name in _BLOCKWISE_POLICIES:
+        raise InvalidRequest(
+            f"window (beta) is a sliding window over the whole generation; policy "
+            f"{params.policy.name!r} caches block by block and needs window unset")
+    return params
 
 
-def gen_length_of(sp: Any, base: GenerationParams) -> int:
-    """The canvas length of a request (validated params; base's on a bad request)."""
+def gen_length_of(sp: Any, base: dict[str, Any]) -> int:
+    """The canvas length of a request (validated params; the server's on a bad request)."""
     try:
         return request_params(sp, base).decode.gen_length
     except InvalidRequest:
-        return base.decode.gen_length
+        return GenerationParams.from_dict(base).decode.gen_length

@@ -58,7 +58,7 @@ def _refusals(sp: Any) -> list[tuple[str, Any, str]]:
     return out
 
 
-def validate_request(sp: Any, base: GenerationParams, prompt_len: int | None,
+def validate_request(sp: Any, base: dict[str, Any], prompt_len: int | None,
                      max_model_len: int) -> GenerationParams:
     """The request's GenerationParams, or VLLMValidationError (HTTP 400) saying why not."""
     from vllm.exceptions import VLLMValidationError
