@@ -22,6 +22,7 @@ from vllm_elastic.core import GenerationParams, InvalidRequest
     ({"drift": "cols"}, "drift must be 'heads' or 'rows'"),
     ({"gamma": "high"}, "gamma must be a number"),
     ({"bogus": 1}, "unknown generation parameter 'bogus'"),
+    ({"policy": "dual", "window": 16}, "cannot decode a sliding window"),
 ])
 def test_bad_params_are_refused(overrides, message):
     with pytest.raises(InvalidRequest) as e:

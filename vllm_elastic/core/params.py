@@ -133,6 +133,11 @@ class GenerationParams:
     def validate(self, prompt_len: int | None = None, max_len: int | None = None) -> None:
         self.policy.validate()
         self.decode.validate(prompt_len, max_len)
+        if self.policy.name == "dual" and self.decode.window is not None:
+            raise InvalidRequest(
+                "policy 'dual' recomputes only the current block's rows, so it cannot decode "
+                "a sliding window (window/beta) that reaches past the block; use the block "
+                "rule (no window) or another policy")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, base: "GenerationParams | None" = None
