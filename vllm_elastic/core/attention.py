@@ -38,14 +38,16 @@ class RaggedBatch:
                 list(self.slot_maps), batch_first=True).to(device=device, dtype=torch.int32)
             # Offsets and lengths in one host->device copy from pinned memory, so building
             # the metadata mid-step never waits for the device.
-            host = torch.tensor(list(self.row_offsets) + lens, dtype=torch.int32)
+            # (kv_lens starts 16-byte aligned: Triton specialises on pointer alignment.)
+            n = len(self.row_offsets)
+            pad = -n % 4
+            host = torch.tensor(list(self.row_offsets) + [0] * pad + lens, dtype=torch.int32)
             if device.type == "cuda":
                 host = host.pin_memory()
             both = host.to(device, non_blocking=True)
-            n = len(self.row_offsets)
             self._dev = {
                 "row_offsets": both[:n],
-                "kv_lens": both[n:],
+                "kv_lens": both[n + pad:],
                 "slot_table": table,
                 "max_rows": max(b - a for a, b in zip(self.row_offsets, self.row_offsets[1:])),
                 "max_len": max_len,

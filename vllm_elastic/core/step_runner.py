@@ -13,6 +13,13 @@ A step runs in two phases:
    host sync per step instead of one per layer; the rows phase 1 computed above l* are
    overwritten by the refresh, so the tokens are those of a layer-by-layer decision.
 Then the candidates' logits decide the commits (one more host transfer).
+
+On CUDA (Triton present, `attention.use_kernels(True)`, the default) each layer runs the
+fused kernels of `vllm_elastic.kernels` (RMSNorm, RoPE + K/V page write, paged attention,
+residual + norm, SwiGLU) and the Elastic-Cache hooks of all requests run batched
+(`policies.elastic.ElasticBatch`: a fixed number of launches per layer whatever the batch;
+its refresh decisions cost one host transfer for the whole batch). The CPU path is the
+plain torch one; both compute the same tokens (checked in float32).
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ import torch
 from model_executor.llada import LLaDAModel
 
 from .attention import RaggedBatch, paged_attention
+from .decoding import choose_tokens, select_commits
+from .kv_store import PagedKVStore
+from .policies.base import LayerView
+from .request import Request, StepOutput
 
 try:  # Triton kernels (CUDA); absent or unused on CPU
     from vllm_elastic import kernels as _kernels
@@ -35,10 +46,6 @@ except ImportError:  # pragma: no cover - Triton missing
 
 def _kernels_enabled(t: torch.Tensor) -> bool:
     return _kernels is not None and _kernels.AVAILABLE and _kernels.enabled(t)
-from .decoding import choose_tokens, select_commits
-from .kv_store import PagedKVStore
-from .policies.base import LayerView
-from .request import Request, StepOutput
 
 
 @dataclass
@@ -218,8 +225,8 @@ class StepRunner:
                     s.request.policy.after_attention(view)
                 h = _layer_ops.finish(layer, h, attn) if self._fast else layer.finish(h, attn)
             else:
-                if eb is not None:
-                    raise AssertionError("batched Elastic hooks with a query subset")
+                if eb is not None:  # needs only q and this layer's K, not the outputs
+                    eb.after_attention(li, q, store)
                 h = self._finish_subsets(layer, li, active, batch, h, q, subsets, views)
         if h is not None:
             self._split(active, h)

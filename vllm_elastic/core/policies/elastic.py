@@ -186,7 +186,7 @@ class ElasticBatch:
         self.end_pass()
         dev = self.device
         probe, starts, n_track, win_off, state_rows = [], [0], [], [], []
-        track_pos, track_slots, old_starts = [], [], [0]
+        track_pos, track_slots, old_starts, t_req = [], [], [0], []
         masks = []
         sink = len(self.policies)
         for i, (pol, refreshing, pos, slots) in enumerate(entries):
@@ -213,20 +213,22 @@ class ElasticBatch:
                     track_slots.append(slots[:nt])
                 probe.append(torch.arange(off + n - nw, off + n, device=dev))
             starts.append(starts[-1] + nt + nw)
+            t_req += [i] * nt
             n_track.append(nt)
             win_off.append(nt)
             old_starts.append(old_starts[-1] + nt)
-        ints = _to_device(starts + n_track + win_off + old_starts + state_rows, dev,
-                          torch.int32)
+        # One host->device copy; every part starts 16-byte aligned (Triton specialises
+        # on pointer alignment: unaligned parts would compile new kernel variants).
+        host, spans = [], []
+        for part in (starts, n_track, win_off, old_starts, state_rows, t_req):
+            spans.append((len(host), len(part)))
+            host += part + [0] * (-len(part) % 4)
+        ints = _to_device(host, dev, torch.int32)
         R = len(entries)
-        a = 0
-        parts = []
-        for size in (R + 1, R, R, R + 1, R):
-            parts.append(ints[a:a + size])
-            a += size
+        parts = [ints[a:a + n] for a, n in spans]
         max_len = meta["slot_table"].shape[1]
-        n_kb = -(-max_len // 64)
         L = self.num_layers
+        n_old = len(t_req)
         self._pass = {
             "probe_idx": torch.cat(probe) if probe else torch.zeros(0, dtype=torch.long,
                                                                     device=dev),
@@ -239,10 +241,11 @@ class ElasticBatch:
             "is_mask": torch.nn.utils.rnn.pad_sequence(masks, batch_first=True),
             "meta": meta,
             "old": None,
-            # Per layer of this pass: the kernels' outputs, reduced once in end_pass.
+            "t_req": parts[5].long(),
+            # Per layer of this pass: the kernels' sums (zeroed once), reduced in end_pass.
             "first": first_layer, "last": first_layer - 1,
-            "mass": torch.empty((L, R, max_len), dtype=torch.float32, device=dev),
-            "cos": torch.empty((L, R, n_kb), dtype=torch.float32, device=dev),
+            "mass": torch.zeros((L, R, max_len), dtype=torch.float32, device=dev),
+            "acc": torch.zeros((L, 3, n_old, max_len), dtype=torch.float32, device=dev),
         }
 
     def before_kv_write(self, li: int, layer, store, rope) -> None:
@@ -270,7 +273,7 @@ class ElasticBatch:
         qp = q.index_select(0, ps["probe_idx"])
         probe_now(qp, ps["starts"], m["kv_lens"], m["slot_table"], store.k[li],
                   ps["max_rows"], ps["n_track"], ps["win_off"], ps["old"], ps["old_starts"],
-                  out=(ps["cos"][li], ps["mass"][li]))
+                  ps["acc"][li], ps["mass"][li])
         ps["last"] = li
         ps["old"] = None
 
@@ -283,11 +286,17 @@ class ElasticBatch:
         rows = ps["state_rows"]
         m = ps["meta"]
         if ps["any_track"]:  # mean cosine over tracked rows and keys; inf = not tested
+            from vllm_elastic.kernels import drift_from_sums
+
+            per_row = drift_from_sums(ps["acc"][a:b])  # [layers, tracked rows]
+            total = torch.zeros((b - a, len(ps["n_track"])), dtype=torch.float32,
+                                device=self.device).index_add_(1, ps["t_req"], per_row)
             denom = (ps["n_track"] * m["kv_lens"]).float().clamp_min(1.0)
-            sim = ps["cos"][a:b].sum(2) / denom  # [layers, R]
-            sim = torch.where(ps["n_track"] > 0, sim, float("inf"))
+            sim = torch.where(ps["n_track"] > 0, total / denom, float("inf"))
             self.sims[:, a:b].index_copy_(0, rows, sim.t())
-        mass = ps["mass"][a:b]  # [layers, R, max_len], -1 past each request's keys
+        mass = ps["mass"][a:b]  # [layers, R, max_len]
+        keys = torch.arange(mass.shape[2], device=self.device)
+        mass.masked_fill_(keys[None, None, :] >= m["kv_lens"][None, :, None], -1.0)
         width = min(ps["is_mask"].shape[1], mass.shape[2])
         mass[:, :, :width].masked_fill_(ps["is_mask"][None, :, :width], 0.0)
         k = min(self.track_num, mass.shape[2])
