@@ -86,6 +86,17 @@ def test_batch_invariance(engine, dev_prompts):
     assert together == alone
 
 
+def test_refreshes_joining_at_one_layer(engine, dev_prompts):
+    """Refresh passes that start at different layers, two of them at the same layer while
+    another is already running, give each request its tokens alone."""
+    prompts = dev_prompts[20:23]
+    params = [_params("elastic", force_refresh=True),  # refresh from layer 0
+              _params("elastic", gamma=1.0),  # drift "fails" at layer 0: refresh from 1
+              _params("elastic", gamma=1.0, drift="rows")]
+    alone = [engine.generate([p], [gp])[0].token_ids for p, gp in zip(prompts, params)]
+    assert [r.token_ids for r in engine.generate(prompts, params)] == alone
+
+
 def test_early_stop_at_end_of_turn(engine, dev_prompts):
     res = engine.generate(dev_prompts[:4], _params("elastic", stop_at_eos=True,
                                                    gen_length=192))

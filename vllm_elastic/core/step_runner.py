@@ -147,16 +147,17 @@ class StepRunner:
         batch: RaggedBatch | None = None
         for li in range(first_layer, self.num_layers):
             layer = model.layers[li]
-            joined = False
+            joining = []
             while pending and pending[0].start_layer == li:
-                seg = pending.pop(0)
+                joining.append(pending.pop(0))
+            joined = bool(joining)
+            if joined and h is not None:
+                self._split(active, h)  # hand the running rows back before re-batching
+            for seg in joining:
                 if seg.h is None:  # a refresh starts from the layer's cached inputs
                     seg.h = store.read_x(li, seg.slots)
                     seg.cached_input = True
-                if h is not None:
-                    self._split(active, h)
                 active.append(seg)
-                joined = True
             if not active:
                 continue
             if joined or h is None:
