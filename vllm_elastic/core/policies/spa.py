@@ -48,7 +48,9 @@ def proxy_weights(layer, rank: int) -> torch.Tensor:
     cache = layer.__dict__.setdefault("_spa_proxy", {})
     if rank not in cache:
         w_t = layer.w_v.float().t().contiguous()  # [d_model, d_v_local]
-        w_t = layer.tp.all_gather_last(w_t)  # [d_model, d_v]
+        w_t = layer.tp.all_gather_last(w_t).double()  # [d_model, d_v]
+        # In float64, so that every process (any thread count) rounds to the same weights:
+        # the row selection flips on last-bit differences of the proxies.
         u, s, _ = torch.linalg.svd(w_t, full_matrices=False)
         r = min(rank, s.shape[0])
         cache[rank] = (u[:, :r] * s[None, :r]).t().contiguous().to(layer.w_v.dtype)
