@@ -25,9 +25,11 @@ def run(rank: int, world: int, port: int, model_dir: str, job_file: str, out_fil
                                         max_batch_size=len(job["prompts"]),
                                         max_request_tokens=512)
         out = {}
-        for name, params in job["params"].items():
-            res = engine.generate(job["prompts"], GenerationParams.from_dict(params))
-            out[name] = [r.token_ids for r in res]
+        for fused in (False, True):  # the reference path, then the fused path's torch ops
+            engine.runner.fused = fused
+            for name, params in job["params"].items():
+                res = engine.generate(job["prompts"], GenerationParams.from_dict(params))
+                out[name + ("@fused" if fused else "")] = [r.token_ids for r in res]
         with open(f"{out_file}.{rank}", "w") as f:
             json.dump(out, f)
     finally:

@@ -55,10 +55,14 @@ class RaggedBatch:
         return self._dev
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One request: q [heads, rows, dim], k/v [heads, keys, dim] -> [heads, rows, dim]."""
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
 def paged_attention_torch(q: torch.Tensor, batch: RaggedBatch, k_cache: torch.Tensor,
                           v_cache: torch.Tensor) -> torch.Tensor:
     """q: [rows, heads, dim]; k_cache/v_cache: [slots, heads, dim]. Returns [rows, heads, dim]."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty_like(q)
     for i, slots in enumerate(batch.slot_maps):
         a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
@@ -66,8 +70,7 @@ def paged_attention_torch(q: torch.Tensor, batch: RaggedBatch, k_cache: torch.Te
             continue
         k = k_cache.index_select(0, slots).transpose(0, 1)
         v = v_cache.index_select(0, slots).transpose(0, 1)
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k, v, scale=scale)
-        out[a:b] = o.transpose(0, 1)
+        out[a:b] = attend(q[a:b].transpose(0, 1), k, v).transpose(0, 1)
     return out
 
 

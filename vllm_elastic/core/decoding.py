@@ -24,6 +24,14 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float,
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
+def argmax_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax token and its float64 softmax probability."""
+    logits = logits.float()
+    x0 = logits.argmax(-1)
+    conf = torch.softmax(logits.double(), -1).gather(-1, x0[:, None]).squeeze(-1)
+    return x0, conf
+
+
 def choose_tokens(logits: torch.Tensor, requests: list[Request], counts: list[int]
                   ) -> tuple[list[list[int]], list[list[float]]]:
     """Per request: each candidate's token and confidence (candidates in given order).
@@ -37,8 +45,7 @@ def choose_tokens(logits: torch.Tensor, requests: list[Request], counts: list[in
     uniform = all(r.params.decode.temperature == 0 and not r.params.decode.logits_eos_inf
                   for r in requests)
     if uniform:
-        x0 = logits.argmax(-1)
-        conf = torch.softmax(logits.double(), -1).gather(-1, x0[:, None]).squeeze(-1)
+        x0, conf = argmax_confidence(logits)
         _confidence_masks(conf, x0, requests, counts)
         x0_host, conf_host = x0.tolist(), conf.tolist()
         for n in counts:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from model_executor.tokenizer import SpecialIds
@@ -69,7 +70,9 @@ class Request:
         self.prompt_len = len(prompt_ids)
         self.total_len = self.prompt_len + d.gen_length
         self.tokens: list[int] = list(prompt_ids) + [special.mask] * d.gen_length
-        self.canvas = torch.tensor(self.tokens, dtype=torch.long, device=device)
+        self.token_array = np.asarray(self.tokens, dtype=np.int64)  # host copy, same ids
+        self.device = torch.device(device)
+        self._canvas: torch.Tensor | None = None  # device copy, made when first needed
         self.masked: list[int] = list(range(self.prompt_len, self.total_len))  # sorted
         self.new_positions: list[int] = []  # committed in the previous step
         self.stop_pos: int | None = None  # first stop token committed (absolute position)
@@ -84,12 +87,28 @@ class Request:
         self.needs_full_pass = False  # set when the request's pages were lost (preemption)
         self.pages: list[int] = []
         self.slot_map: torch.Tensor | None = None
+        self._host_slots: tuple[torch.Tensor, np.ndarray] | None = None
         self.generator: torch.Generator | None = None
         if d.temperature > 0:
             self.generator = torch.Generator(device=device).manual_seed(d.seed)
         from .policies import make_policy
 
         self.policy = make_policy(params.policy, self)
+
+    @property
+    def canvas(self) -> torch.Tensor:
+        """The token ids on the request's device (rebuilt after commits, on demand)."""
+        if self._canvas is None:
+            self._canvas = torch.tensor(self.token_array, device=self.device)
+        return self._canvas
+
+    def host_slots(self, page_size: int) -> np.ndarray:
+        """`slot_map` on the host (int64), from the page list it was built from."""
+        if self._host_slots is None or self._host_slots[0] is not self.slot_map:
+            pages = np.asarray(self.pages, dtype=np.int64)
+            slots = (pages[:, None] * page_size + np.arange(page_size)).reshape(-1)
+            self._host_slots = (self.slot_map, slots[:self.total_len])
+        return self._host_slots[1]
 
     # -- schedule ----------------------------------------------------------------------------
 
@@ -146,9 +165,8 @@ class Request:
                     self.stop_pos is None or p < self.stop_pos):
                 self.stop_pos = p
         if positions:
-            idx = torch.tensor(positions, dtype=torch.long, device=self.canvas.device)
-            self.canvas.index_copy_(0, idx, torch.tensor(token_ids, dtype=torch.long,
-                                                         device=self.canvas.device))
+            self.token_array[positions] = token_ids
+            self._canvas = None
         if self.stop_pos is not None:
             # Positions after the first stop token are never decoded.
             self.masked = self.masked[:bisect.bisect_right(self.masked, self.stop_pos)]

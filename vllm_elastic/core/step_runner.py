@@ -6,51 +6,64 @@ each projection is one GEMM for the whole batch and attention is one call; no re
 padded to another's length.
 
 A step runs in two phases:
-1. The row pass: every request's policy rows go through all layers.
+1. The row pass: every request's policy rows go through the layers.
 2. The refresh pass: requests whose policy asked for a refresh (Elastic-Cache's drift test
    failed at layer l*) recompute every row from layer l*+1 on, starting from that layer's
    cached inputs; each joins the pass at its own layer. Deciding after phase 1 costs one
-   host sync per step instead of one per layer; the rows phase 1 computed above l* are
+   host transfer per step instead of one per layer; rows phase 1 computed above l* are
    overwritten by the refresh, so the tokens are those of a layer-by-layer decision.
-Then the candidates' logits decide the commits (one more host transfer).
+Then the candidates' logits decide the commits.
 
-On CUDA (Triton present, `attention.use_kernels(True)`, the default) each layer runs the
-fused kernels of `vllm_elastic.kernels` (RMSNorm, RoPE + K/V page write, paged attention,
-residual + norm, SwiGLU) and the Elastic-Cache hooks of all requests run batched
-(`policies.elastic.ElasticBatch`: a fixed number of launches per layer whatever the batch;
-its refresh decisions cost one host transfer for the whole batch). The CPU path is the
-plain torch one; both compute the same tokens (checked in float32).
+Two paths compute the same tokens (checked in float32):
+* the fused path (`fused_step`, `fused_pass`; the default on CUDA with Triton): each pass
+  is one padded batch of fixed geometry whose per-layer work is a handful of kernels, with
+  the Elastic-Cache probes of every request batched, replayed as a CUDA graph once its
+  geometry repeats (`cuda_graphs`); the row pass stops where the batch is expected to
+  refresh, and decisions reach the host in one copy per pass. It takes the policies
+  `none`, `prefix`, `dual`, `dkv` and `elastic` (drift "heads", at most 64 tracked + window
+  rows);
+* the reference path: plain torch with each policy's own per-layer hooks (every policy;
+  the CPU default; SPA-Cache and the "rows" drift everywhere).
+Requests of one step are split between them by policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from model_executor.llada import LLaDAModel
 
-from .attention import RaggedBatch, paged_attention
+from .attention import RaggedBatch, kernels_disabled, paged_attention
 from .decoding import choose_tokens, select_commits
 from .kv_store import PagedKVStore
 from .policies.base import LayerView
+from .policies.elastic import ElasticCache
 from .request import Request, StepOutput
 
-try:  # Triton kernels (CUDA); absent or unused on CPU
-    from vllm_elastic import kernels as _kernels
-    from vllm_elastic.kernels import layer_ops as _layer_ops
-except ImportError:  # pragma: no cover - Triton missing
-    _kernels = None
-    _layer_ops = None
+# Probe rows (tracked + window) per request that the batched Elastic kernels take.
+MAX_PROBE_ROWS = 64
+FUSED_POLICIES = ("none", "prefix", "dual", "dkv", "elastic")
 
 
-def _kernels_enabled(t: torch.Tensor) -> bool:
-    return _kernels is not None and _kernels.AVAILABLE and _kernels.enabled(t)
+@dataclass
+class _Decided:
+    """What a step decided for one request (either path)."""
+
+    candidates: list[int]
+    tokens: list[int]
+    confidence: list[float]
+    full: bool  # the row pass was a full pass
+    num_rows: int  # rows of the row pass
+    refresh_start: int | None
+    row_layers: int | None = None  # layers the row pass ran (None: all)
 
 
 @dataclass
 class _Segment:
-    """One request's rows in a pass."""
+    """One request's rows in a reference-path pass."""
 
     request: Request
     positions: list[int]  # host copy (row order)
@@ -59,55 +72,140 @@ class _Segment:
     start_layer: int
     full: bool  # rows are every position, in order
     h: torch.Tensor | None = None
-    cached_input: bool = False  # h was read from the layer-input cache at start_layer
 
 
 class StepRunner:
-    def __init__(self, model: LLaDAModel, store: PagedKVStore):
+    """`fused`: None = the fused path where it applies on CUDA (kernels on); True = also
+    on CPU (torch versions of its kernels: tests); False = reference path only.
+    `refresh_override`, if set, replaces Elastic-Cache's drift decision: it gets the
+    request and the start the drift test found (on the fused path: in the layers the row
+    pass has run so far), or None, and returns the refresh start to use, or None.
+    Benchmarks replay a recorded refresh pattern with it."""
+
+    def __init__(self, model: LLaDAModel, store: PagedKVStore, *, fused: bool | None = None,
+                 cuda_graphs: bool = True):
         self.model = model
         self.store = store
         self.num_layers = model.cfg.n_layers
+        self.fused = fused
+        self.cuda_graphs = cuda_graphs
+        self.refresh_override: Callable[[Request, int | None], int | None] | None = None
+        self.chunking = True  # fused path: stop the row pass where refreshes are expected
+        self._fused = None  # FusedStep, made on first use
+
+    # -- the step ----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self, requests: list[Request]) -> list[StepOutput]:
         if not requests:
             return []
-        device = self.model.device
-        segments = []
+        rows_of = []
         for r in requests:
             if r.finished:
                 raise ValueError(f"request {r.id!r} is already finished")
             if r.slot_map is None:
                 raise ValueError(f"request {r.id!r} has no KV pages")
             r.begin_step()
-            rows = r.policy.rows(full=r.needs_full_pass)
+            rows_of.append(r.policy.rows(full=r.needs_full_pass))
             r.needs_full_pass = False
+        kern = self._kernels()
+        use_fused = self.fused if self.fused is not None else kern
+        fused = [i for i, r in enumerate(requests)
+                 if use_fused and self._fusable(r, rows_of[i])]
+        in_fused = set(fused)
+        rest = [i for i in range(len(requests)) if i not in in_fused]
+        decided: dict[int, _Decided] = {}
+        if fused:
+            decided.update(zip(fused, self._fused_step([requests[i] for i in fused],
+                                                       [rows_of[i] for i in fused], kern)))
+        if rest:
+            decided.update(zip(rest, self._reference_step([requests[i] for i in rest],
+                                                          [rows_of[i] for i in rest])))
+        outputs = []
+        for i, r in enumerate(requests):
+            d = decided[i]
+            self._account(r, d)
+            pos, tok = select_commits(r, d.candidates, d.tokens, d.confidence)
+            outputs.append(r.commit(pos, tok))
+            r.policy.end_step()
+        return outputs
+
+    def _kernels(self) -> bool:
+        if kernels_disabled():
+            return False
+        from vllm_elastic import kernels  # without Triton: AVAILABLE is False
+
+        return kernels.AVAILABLE and kernels.enabled(self.model.wte)
+
+    def _fusable(self, r: Request, rows: list[int] | None) -> bool:
+        p = r.policy
+        if p.name not in FUSED_POLICIES:
+            return False
+        if isinstance(p, ElasticCache):
+            n_probe = len(p.window) + (0 if rows is None else p.n_track)
+            return p.params.drift == "heads" and n_probe <= MAX_PROBE_ROWS
+        return True
+
+    def _override(self, r: Request, start: int | None) -> int | None:
+        if self.refresh_override is not None:
+            start = self.refresh_override(r, start)
+            if start is not None and not 0 <= start < self.num_layers:
+                raise ValueError(f"refresh start {start} outside [0, {self.num_layers})")
+        return start
+
+    # -- fused path --------------------------------------------------------------------------
+
+    def _fused_step(self, requests: list[Request], rows_of: list, kern: bool
+                    ) -> list[_Decided]:
+        if self._fused is None:
+            from .fused_step import FusedStep
+
+            self._fused = FusedStep(self.model, self.store, cuda_graphs=self.cuda_graphs)
+        out = []
+        for r, rows, d in zip(requests, rows_of,
+                              self._fused.run(requests, rows_of, kern, self._override_fn(),
+                                              self.chunking)):
+            n = r.total_len if rows is None else len(rows)
+            out.append(_Decided(r.candidates(), d.tokens, d.confidence, rows is None, n,
+                                d.refresh_start, d.row_layers))
+        return out
+
+    def pass_counts(self) -> dict[str, int]:
+        """Fused passes run so far: eagerly, captured as CUDA graphs, replayed."""
+        out = {"eager": 0, "captured": 0, "replayed": 0}
+        for ex in (self._fused.executors.values() if self._fused else ()):
+            for k, v in ex.counts.items():
+                out[k] += v
+        return out
+
+    def _override_fn(self):
+        return self._override if self.refresh_override is not None else None
+
+    # -- reference path ----------------------------------------------------------------------
+
+    def _reference_step(self, requests: list[Request], rows_of: list) -> list[_Decided]:
+        device = self.model.device
+        segments = []
+        for r, rows in zip(requests, rows_of):
             full = rows is None
             positions = list(range(r.total_len)) if full else rows
             pos = torch.tensor(positions, dtype=torch.long, device=device)
             seg = _Segment(r, positions, pos, r.slot_map.index_select(0, pos), 0, full)
             seg.h = self.model.embed(r.canvas.index_select(0, pos))
             segments.append(seg)
-
-        self._fast = _kernels_enabled(segments[0].h)
-        self._elastic = self._elastic_batch(segments) if self._fast else None
         final = self._run(segments, 0)
-
-        # Refresh pass for requests whose policy asks for one.
-        if self._elastic is not None:
-            self._elastic.refresh_layers()  # one host transfer for every request
         refresh = []
         for seg in segments:
             r = seg.request
             start = r.policy.refresh_layer(self.num_layers) if not seg.full else None
+            if not seg.full:
+                start = self._override(r, start)
             if start is not None:
                 pos = torch.arange(r.total_len, device=device)
                 refresh.append(_Segment(r, list(range(r.total_len)), pos, r.slot_map, start,
                                         True))
         if refresh:
             final.update(self._run(refresh, min(s.start_layer for s in refresh)))
-
-        # Candidates' logits -> commits.
         all_segs = {s.request.id: s for s in segments}
         for s in refresh:
             all_segs[s.request.id] = s
@@ -124,20 +222,10 @@ class StepRunner:
             rows.append(final[r.id].index_select(
                 0, torch.tensor(idx, dtype=torch.long, device=device)))
         logits = self.model.logits(torch.cat(rows))
-        if self._elastic is not None:
-            self._elastic.finish_step()  # picks to the host with the sync below
         tokens, conf = choose_tokens(logits, requests, [len(c) for c in cand_lists])
-
-        outputs = []
         refreshed = {s.request.id: s.start_layer for s in refresh}
-        for r, seg, cands, tk, cf in zip(requests, segments, cand_lists, tokens, conf):
-            self._account(r, seg, refreshed.get(r.id))
-            pos, tok = select_commits(r, cands, tk, cf)
-            outputs.append(r.commit(pos, tok))
-            r.policy.end_step()
-        return outputs
-
-    # -- the layer loop ----------------------------------------------------------------------
+        return [_Decided(c, tk, cf, seg.full, len(seg.positions), refreshed.get(r.id))
+                for r, seg, c, tk, cf in zip(requests, segments, cand_lists, tokens, conf)]
 
     def _run(self, segments: list[_Segment], first_layer: int) -> dict[str, torch.Tensor]:
         model, store = self.model, self.store
@@ -156,7 +244,6 @@ class StepRunner:
             for seg in joining:
                 if seg.h is None:  # a refresh starts from the layer's cached inputs
                     seg.h = store.read_x(li, seg.slots)
-                    seg.cached_input = True
                 active.append(seg)
             if not active:
                 continue
@@ -168,14 +255,8 @@ class StepRunner:
                 batch = RaggedBatch(offsets, [s.request.slot_map for s in active])
                 pos = torch.cat([s.pos for s in active])
                 slots = torch.cat([s.slots for s in active])
-                eb = self._elastic
-                if eb is not None:  # batched Elastic hooks replace the per-request ones
-                    eb.begin_pass([(s.request.policy if eb.eligible(s.request.policy)
-                                    else None, s.full, s.pos, s.slots) for s in active],
-                                  offsets, batch.device_meta(h.device), li)
                 hooked = [(i, s) for i, s in enumerate(active)
-                          if s.request.policy.has_layer_hooks
-                          and not (eb is not None and eb.eligible(s.request.policy))]
+                          if s.request.policy.has_layer_hooks]
                 # Layer inputs are written for the rows of policies that keep them: one
                 # write for the whole batch. (A refresh segment re-writes, at its start
                 # layer, the very inputs it just read: a no-op.)
@@ -189,28 +270,14 @@ class StepRunner:
                     x_slots = slots.index_select(0, x_rows)
                 else:
                     x_rows, x_slots = None, None
-                fused = self._fast and not hooked
-            if fused:
-                # Fused path: norm + GEMM, batched Elastic probe of the old K, then RoPE
-                # and the K/V page write in one launch.
-                qkv = _layer_ops.qkv_projection(layer, h)
-                if eb is not None:
-                    eb.before_kv_write(li, layer, store, model.rope)
-                q = _kernels.rope_kv_write_triton(qkv, pos, slots, model.rope.cos,
-                                                  model.rope.sin, store.k[li], store.v[li])
-                views = []
-            else:
-                q, k, v = layer.qkv(h, pos, model.rope)
-                if eb is not None:
-                    eb.before_kv_write(li, layer, store, model.rope)
-                views = []
-                for i, s in hooked:
-                    a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
-                    view = LayerView(li, layer, store, s.pos, q[a:b], h[a:b], s.full,
-                                     model.rope)
-                    s.request.policy.before_kv_write(view)
-                    views.append((i, s, view))
-                store.write_kv(li, slots, k, v)
+            q, k, v = layer.qkv(h, pos, model.rope)
+            views = []
+            for i, s in hooked:
+                a, b = batch.row_offsets[i], batch.row_offsets[i + 1]
+                view = LayerView(li, layer, store, s.pos, q[a:b], h[a:b], s.full, model.rope)
+                s.request.policy.before_kv_write(view)
+                views.append((i, s, view))
+            store.write_kv(li, slots, k, v)
             if x_slots is not None:
                 store.write_x(li, x_slots, h if x_rows is None else h.index_select(0, x_rows))
             subsets = {i: view.subset for i, s, view in views
@@ -220,19 +287,13 @@ class StepRunner:
                     subsets[i] = s.request.policy.query_subset(view)
             if not any(v is not None for v in subsets.values()):
                 attn = paged_attention(q, batch, store.k[li], store.v[li])
-                if eb is not None:
-                    eb.after_attention(li, q, store)
                 for _, s, view in views:
                     s.request.policy.after_attention(view)
-                h = _layer_ops.finish(layer, h, attn) if self._fast else layer.finish(h, attn)
+                h = layer.finish(h, attn)
             else:
-                if eb is not None:  # needs only q and this layer's K, not the outputs
-                    eb.after_attention(li, q, store)
                 h = self._finish_subsets(layer, li, active, batch, h, q, subsets, views)
         if h is not None:
             self._split(active, h)
-        if self._elastic is not None:
-            self._elastic.end_pass()
         return {s.request.id: s.h for s in active}
 
     def _finish_subsets(self, layer, li: int, active: list[_Segment], batch: RaggedBatch,
@@ -264,20 +325,6 @@ class StepRunner:
                 pieces.append(s.request.policy.merge_subset(view_of[i], subsets[i], seg_out))
         return torch.cat(pieces)
 
-    def _elastic_batch(self, segments: list[_Segment]):
-        """The batched Elastic hooks for this step, or None (per-request hooks)."""
-        from .policies.elastic import ElasticBatch
-
-        pols = [s.request.policy for s in segments
-                if ElasticBatch.eligible(s.request.policy)]
-        if not pols:
-            return None
-        limit = _kernels.probe_max_rows()
-        for p in pols:
-            if max(p._n_track + p._n_window, len(p._window_pos)) > limit:
-                return None
-        return ElasticBatch(pols, self.num_layers, self.model.device)
-
     @staticmethod
     def _split(active: list[_Segment], h: torch.Tensor) -> None:
         o = 0
@@ -286,21 +333,23 @@ class StepRunner:
             s.h = h[o:o + n]
             o += n
 
-    def _account(self, r: Request, seg: _Segment, refresh_start: int | None) -> None:
+    # -- stats -------------------------------------------------------------------------------
+
+    def _account(self, r: Request, d: _Decided) -> None:
         L = self.num_layers
         st = r.stats
         st.rows_full += r.total_len * L
         st.layers_total += L
-        if seg.full:
+        start = d.refresh_start
+        if d.full:
             st.full_steps += 1
             st.rows_computed += r.total_len * L
             st.layers_refreshed += L
-        elif refresh_start is not None:
+        elif start is not None:
             st.drift_events += 1
-            n = len(seg.positions)
-            st.rows_computed += n * refresh_start + r.total_len * (L - refresh_start)
-            st.layers_refreshed += L - refresh_start
-            st.speculative_rows += n * (L - refresh_start)
+            n = d.num_rows
+            st.rows_computed += n * start + r.total_len * (L - start)
+            st.layers_refreshed += L - start
+            st.speculative_rows += n * max(0, (d.row_layers or L) - start)
         else:
-            st.rows_computed += r.policy.rows_computed(len(seg.positions), L)
-
+            st.rows_computed += r.policy.rows_computed(d.num_rows, L)

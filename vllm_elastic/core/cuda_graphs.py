@@ -1,0 +1,79 @@
+"""Runs fused passes eagerly or as CUDA graphs, one graph per pass geometry.
+
+A step of small batches is launch-bound: a window-only step of the 8B model issues ~15
+kernels per layer, each cheaper than its launch from Python. A CUDA graph replays the
+whole pass with one launch. Geometries are bucketed (`pass_plan.bucket`), so a serving
+workload sees few of them; a geometry is captured the second time it is seen (its first
+run, eager, compiles its kernels and shows it is not a one-off) and replayed from then on.
+All graphs share one memory pool (passes never overlap; every pass writes its results to
+its own buffers, allocated outside the pool). The least recently used geometry is dropped
+beyond `max_graphs`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .fused_pass import PassBuffers, run_layers
+from .pass_plan import PassGeometry
+
+
+class PassExecutor:
+    def __init__(self, model, store, *, kernels: bool, graphs: bool, max_graphs: int = 48,
+                 graph_max_bytes: int = 1 << 29):
+        self.model = model
+        self.store = store
+        self.kernels = kernels
+        # Under tensor parallelism the passes' all-reduces would be captured too (NCCL
+        # supports it) but no multi-GPU run has checked it yet: eager there for now.
+        self.graphs = graphs and model.device.type == "cuda" and not model.tp.enabled
+        self.max_graphs = max_graphs
+        cfg, tp = model.cfg, model.tp
+        # Widest activation per row (qkv or gate/up output) bounds a graph's private memory.
+        width = max(3 * cfg.d_model, 2 * cfg.mlp_hidden_size) // tp.world_size
+        self.graph_max_rows = max(16, graph_max_bytes // (width * model.dtype.itemsize))
+        self._bufs: OrderedDict[PassGeometry, PassBuffers] = OrderedDict()
+        self._graphs: dict[PassGeometry, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self.counts = {"eager": 0, "captured": 0, "replayed": 0}
+
+    def graphable(self, g: PassGeometry) -> bool:
+        return self.graphs and g.T <= self.graph_max_rows
+
+    def buffers(self, g: PassGeometry) -> PassBuffers:
+        """The geometry's buffers: kept (LRU) for graph candidates, else new ones."""
+        b = self._bufs.get(g)
+        if b is None:
+            b = PassBuffers(g, self.model.cfg.d_model, self.model.dtype, self.model.device)
+            if not self.graphable(g):
+                return b
+            self._bufs[g] = b
+            while len(self._bufs) > self.max_graphs:
+                old, _ = self._bufs.popitem(last=False)
+                self._graphs.pop(old, None)
+        else:
+            self._bufs.move_to_end(g)
+        return b
+
+    def launch(self, bufs: PassBuffers) -> None:
+        """Run the pass whose indices were uploaded into `bufs` (and h_in filled)."""
+        g = bufs.geometry
+        graph = self._graphs.get(g)
+        if graph is None and bufs.runs >= 1 and self.graphable(g):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                run_layers(self.model, self.store, bufs, self.kernels)
+            if self._pool is None:
+                self._pool = graph.pool()
+            self._graphs[g] = graph
+            self.counts["captured"] += 1
+        if graph is not None:
+            graph.replay()
+            self.counts["replayed"] += 1
+        else:
+            run_layers(self.model, self.store, bufs, self.kernels)
+            self.counts["eager"] += 1
+        bufs.runs += 1
+        bufs.download()
