@@ -1,29 +1,32 @@
-"""GPU benchmark of the engine core: one script, one device call.
+"""GPU benchmark of the engine core: one script, one device call per part.
 
-    python benchmarks/gpu_bench.py --out $OUT [--quick] [--budget-s 500]
+    python benchmarks/gpu_bench.py --out $OUT [--parts tests,ceilings,mini,8b] [--budget-s 540]
 
-In order (each section is skipped, and says so, once the time budget is spent):
-1. kernel checks (tests/test_kernels.py: Triton kernels vs torch on random inputs);
-2. the card's two ceilings: device-to-device copy bandwidth (bytes read + written) and
-   the bf16 matrix-product rate (8192^3, random data);
-3. LLaDA-8B shape, random bf16 weights built on the GPU: every policy at batch 1/8/32 and
-   G = 256/512 (B = 32, tau = 0.9, stop at EOS off), with a capped number of timed steps
-   (random weights commit ~1 token per step, so this measures cost per step): tokens/s,
-   steps/s, per-step latency by step type (full pass / row pass / refresh), rows computed
-   per layer, layer-refresh fraction, peak GPU memory, and for each step type the floor
-   max(bytes / bandwidth, FLOPs / matmul rate) and the measured multiple of it;
-   "before" rows: the plain torch path (kernels off) for none and elastic;
-4. the mini model on the dev tasks (real dynamics): accuracy and tokens/s per policy with
-   the kernels, and the fraction of prompts whose tokens match the plain torch path.
+Parts (each skipped, and said so, once the time budget is spent):
+* tests: tests/test_kernels.py (Triton kernels vs torch on fresh random inputs);
+* ceilings: device-to-device copy bandwidth (bytes read + written) and the bf16 matrix
+  product rate (8192^3, random data), the two floors' denominators;
+* mini: mini-llada-v1 on the dev tasks (real dynamics), bf16: per policy tokens/s,
+  accuracy, answer agreement with `none`, compute and layer-refresh fractions, with the
+  fused path (kernels + CUDA graphs) and with the plain torch path, and the fraction of
+  prompts on which both give the same tokens (float32 too); Elastic-Cache's refresh
+  pattern (the layer each step's refresh started at) is recorded for the 8B part;
+* 8b: LLaDA-8B shape with random bf16 weights built on the GPU: every policy at each
+  batch and G (B = 32, tau = 0.9, stop at EOS off; random weights commit ~1 token per step,
+  so this measures cost per step): tokens/s, steps/s, per-step latency by step type (full
+  pass / window-only / partial-depth refresh), rows per layer, layer-refresh fraction,
+  peak memory, and per step type the floor max(bytes / bandwidth, FLOPs / matmul rate) and
+  the measured multiple of it. `elastic@mini` replays the mini model's recorded refresh
+  pattern (depth scaled to 32 layers) on the 8B shape, since random weights never drift;
+* diag: a torch.profiler table of 8B steps.
 Full numbers go to $OUT/gpu_bench.json, a plot to $OUT/gpu_bench.png; a table is printed
-last.
+last. `--merge a.json b.json` rebuilds table and plot from earlier runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -39,240 +42,395 @@ from model_executor.config import llada_8b_config  # noqa: E402
 from model_executor.llada import LLaDAModel  # noqa: E402
 from model_executor.tokenizer import SpecialIds  # noqa: E402
 from vllm_elastic.core import Engine, GenerationParams  # noqa: E402
-from vllm_elastic.core import step_runner as _sr  # noqa: E402
 from vllm_elastic.core.attention import use_kernels  # noqa: E402
 from vllm_elastic.evaluation import extract_answer, is_correct  # noqa: E402
 
 POLICIES = ["none", "prefix", "dual", "elastic", "spa", "dkv"]
+AUTHORS_ELASTIC_TOK_S = {256: 14.4, 512: 14.7}  # algorithms.md section 7, H100, batch 1
 T0 = time.time()
-LOG: list[str] = []
 
 
 def log(*a):
-    s = " ".join(str(x) for x in a)
-    print(f"[{time.time() - T0:6.1f}s] {s}", flush=True)
-    LOG.append(s)
+    print(f"[{time.time() - T0:6.1f}s] " + " ".join(str(x) for x in a), flush=True)
 
 
-# -- work accounting: every attention call is one layer's worth of GEMMs on its rows -----
-
-class Work:
-    """FLOPs and bytes of the step in progress, counted at each layer's attention call."""
-
-    def __init__(self):
-        self.reset()
-        self.cfg = None
-
-    def reset(self):
-        self.flops = 0.0
-        self.bytes = 0.0
-
-    def layer(self, batch, q):
-        c = self.cfg
-        d, m = c.d_model, c.mlp_hidden_size
-        p_layer = 4 * d * d + 3 * d * m
-        rows = int(q.shape[0])
-        lens = [int(s.shape[0]) for s in batch.slot_maps]
-        rr = [b - a for a, b in zip(batch.row_offsets, batch.row_offsets[1:])]
-        el = 2  # bf16
-        self.flops += 2.0 * rows * p_layer + sum(4.0 * r * n * d for r, n in zip(rr, lens))
-        self.bytes += el * (p_layer + sum(2 * n * d for n, r in zip(lens, rr) if r)
-                            + rows * (2 * d + 4 * d))  # K/V write, activations in/out
-
-    def head(self, rows):
-        c = self.cfg
-        self.flops += 2.0 * rows * c.d_model * c.embedding_size
-        self.bytes += 2 * c.d_model * c.embedding_size
+def over_budget(args) -> bool:
+    return time.time() - T0 > args.budget_s
 
 
-WORK = Work()
-_orig_attn = _sr.paged_attention
+# -- the two ceilings ----------------------------------------------------------------------
 
-
-def _counting_attention(q, batch, k, v):
-    WORK.layer(batch, q)
-    return _orig_attn(q, batch, k, v)
-
-
-_sr.paged_attention = _counting_attention
-
-
-# -- ceilings -----------------------------------------------------------------------------
-
-def ceilings():
-    dev = "cuda"
-    n = 1 << 30  # 1 Gi bf16 elements = 2 GiB
-    a = torch.randn(n // 1024, 1024, device=dev).to(torch.bfloat16)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
+def _time_cuda(fn, reps=10) -> float:
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(10):
-        ev[0].record()
-        b.copy_(a)
-        ev[1].record()
-        torch.cuda.synchronize()
-        times.append(ev[0].elapsed_time(ev[1]) / 1e3)
-    bw = 2 * a.numel() * 2 / statistics.median(times)
-    del a, b
-    x = torch.randn(8192, 8192, device=dev).to(torch.bfloat16)
-    y = torch.randn(8192, 8192, device=dev).to(torch.bfloat16)
     for _ in range(3):
-        x @ y
+        fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(10):
+    for _ in range(reps):
         ev[0].record()
-        x @ y
+        fn()
         ev[1].record()
         torch.cuda.synchronize()
         times.append(ev[0].elapsed_time(ev[1]) / 1e3)
-    peak = 2 * 8192 ** 3 / statistics.median(times)
-    del x, y
+    return statistics.median(times)
+
+
+def _copy_rate() -> float:
+    a = torch.randn(1 << 20, 1024, device="cuda").to(torch.bfloat16)  # 2 GiB
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 2 / _time_cuda(lambda: b.copy_(a))
+
+
+def _matmul_rate() -> float:
+    x = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
+    return 2 * 8192 ** 3 / _time_cuda(lambda: x @ y)
+
+
+def ceilings() -> dict:
+    out = {"copy_bw_Bps": _copy_rate(), "bf16_flops": _matmul_rate()}
     torch.cuda.empty_cache()
-    return {"copy_bw_Bps": bw, "bf16_flops": peak}
-
-
-# -- kernel micro-benchmarks ---------------------------------------------------------------
-
-def kernel_micro(cfg):
-    """Paged attention at the 8B head shape: kernel vs torch (per call, ms)."""
-    import triton.testing as tt
-
-    from vllm_elastic.core.attention import RaggedBatch, paged_attention_torch
-    from vllm_elastic.kernels import paged_attention_triton
-
-    H, D = cfg.n_heads, cfg.head_dim
-    out = []
-    for R, rows, keys in [(1, 20, 640), (32, 20, 640), (1, 640, 640), (8, 640, 640),
-                          (4, 1000, 1600)]:
-        slots = R * keys
-        k = torch.randn(slots, H, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        maps = [torch.arange(i * keys, (i + 1) * keys, device="cuda") for i in range(R)]
-        b = RaggedBatch([i * rows for i in range(R + 1)], maps)
-        q = torch.randn(R * rows, H, D, device="cuda", dtype=torch.bfloat16)
-        t_k = tt.do_bench(lambda: paged_attention_triton(q, b, k, v), return_mode="median")
-        t_t = tt.do_bench(lambda: paged_attention_torch(q, b, k, v), return_mode="median")
-        flops = 4.0 * R * rows * keys * H * D
-        byts = 2 * 2 * R * keys * H * D + 2 * 2 * R * rows * H * D
-        out.append({"requests": R, "rows": rows, "keys": keys, "triton_ms": t_k,
-                    "torch_ms": t_t, "triton_TFLOPs": flops / t_k / 1e9,
-                    "triton_GBps": byts / t_k / 1e6})
-        log(f"attn R={R} rows={rows} keys={keys}: triton {t_k:.3f} ms, torch {t_t:.3f} ms")
     return out
 
 
-# -- 8B random-weight runs ------------------------------------------------------------------
+# -- work of a step: the fewest FLOPs and bytes, from each request's stats -------------------
 
-def special_8b():
-    return SpecialIds(mask=126336, eos=126081, eot=126348, bos=126080)
+def step_work(cfg, engine, reqs, before, after, n_cands):
+    """(flops, bytes, type) of one step, from the per-request stats deltas: each pass
+    reads every layer's weights once, each request's K/V once per layer, writes its rows'
+    K/V and layer inputs; GEMM and attention FLOPs of every row."""
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.embedding_size
+    p_layer = 4 * d * d + 3 * d * cfg.mlp_hidden_size
+    el = 2
+    flops = byts = 0.0
+    kind = "row"
+    refresh_from = []
+    for r, b, a in zip(reqs, before, after):
+        if a.steps == b.steps:
+            continue
+        K = r.total_len
+        rows = a.rows_computed - b.rows_computed
+        passes = []  # (rows, layers)
+        if a.full_steps > b.full_steps:
+            passes.append((K, L))
+            kind = "full" if kind != "refresh" else kind
+        elif a.drift_events > b.drift_events:
+            s = L - (a.layers_refreshed - b.layers_refreshed)
+            n = (rows - K * (L - s)) / s if s else 0
+            passes += [(n, L), (K, L - s)]
+            refresh_from.append(s)
+            kind = "refresh"
+        else:
+            passes.append((rows / L, L))
+        for n, layers in passes:
+            flops += layers * (2 * n * p_layer + 4 * n * K * d)
+            byts += layers * el * (2 * K * d + n * (3 * d + 2 * d))
+    weight_layers = L + (L - min(refresh_from) if refresh_from else 0)
+    byts += weight_layers * p_layer * el + V * d * el
+    flops += 2 * n_cands * d * V
+    return flops, byts, kind
 
 
-def params_for(policy, G):
-    d = {"policy": policy, "gen_length": G, "block_length": 32, "threshold": 0.9,
-         "stop_at_eos": False}
-    return GenerationParams.from_dict(d)
+def special_8b() -> SpecialIds:
+    c = llada_8b_config()
+    return SpecialIds(mask=c.mask_token_id, eos=c.eos_token_id, eot=126348,
+                      bos=c.bos_token_id)
 
 
-def classify(before, after):
-    if any(a.full_steps > b.full_steps for a, b in zip(after, before)):
-        return "full"
-    if any(a.drift_events > b.drift_events for a, b in zip(after, before)):
-        return "refresh"
-    return "row"
+def params_for(policy: str, G: int) -> GenerationParams:
+    return GenerationParams.from_dict({"policy": policy, "gen_length": G, "block_length": 32,
+                                       "threshold": 0.9, "stop_at_eos": False})
 
 
-def snap(reqs):
+def timed_run(engine, prompts, params, steps, warm, ceil, override=None) -> dict:
+    """Admit the requests, run `warm` steps untimed (step 0 is a full pass), time the next
+    `steps` steps one by one; abort. Per-step times, types, floors."""
     import copy
-    return [copy.copy(r.stats) for r in reqs]
 
-
-def timed_run(engine, prompts, params, steps, ceil, L, warm=0):
-    """Add the requests, run step 0 (and `warm` more steps) untimed, time the next `steps`
-    steps; abort. Per-step data."""
+    cfg = engine.model.cfg
+    runner = engine.runner
+    runner.refresh_override = override
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     reqs = [engine.add_request(p, params) for p in prompts]
-    for _ in range(1 + warm):  # step 0: the first full pass (not timed)
+    for _ in range(warm):
         engine.step()
+    counts0 = runner.pass_counts()
     per_step = []
-    s0 = snap(reqs)
+    s0 = [copy.copy(r.stats) for r in reqs]
     for _ in range(steps):
         if not engine.running:
             break
-        b = snap(reqs)
-        WORK.reset()
+        b = [copy.copy(r.stats) for r in reqs]
         n_cand = sum(len(r.candidates()) for r in engine.running)
         torch.cuda.synchronize()
         t = time.perf_counter()
         engine.step()
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        WORK.head(n_cand)
-        a = snap(reqs)
-        floor_b = WORK.bytes / ceil["copy_bw_Bps"]
-        floor_f = WORK.flops / ceil["bf16_flops"]
-        per_step.append({"type": classify(b, a), "s": dt, "flops": WORK.flops,
-                         "bytes": WORK.bytes, "floor_s": max(floor_b, floor_f),
-                         "floor_kind": "bytes" if floor_b >= floor_f else "flops",
+        a = [copy.copy(r.stats) for r in reqs]
+        fl, by, kind = step_work(cfg, engine, reqs, b, a, n_cand)
+        fb, ff = by / ceil["copy_bw_Bps"], fl / ceil["bf16_flops"]
+        per_step.append({"type": kind, "s": dt, "flops": fl, "bytes": by,
+                         "floor_s": max(fb, ff), "floor": "b" if fb >= ff else "f",
                          "tokens": sum(x.tokens_committed - y.tokens_committed
                                        for x, y in zip(a, b))})
-    s1 = snap(reqs)
+    s1 = [copy.copy(r.stats) for r in reqs]
     for r in reqs:
         engine.abort(r.id)
+    runner.refresh_override = None
+    counts = {k: v - counts0[k] for k, v in runner.pass_counts().items()}
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    n = len(per_step)
     total = sum(p["s"] for p in per_step)
     tokens = sum(p["tokens"] for p in per_step)
-    d = lambda f: sum(f(x) - f(y) for x, y in zip(s1, s0))  # noqa: E731
-    rows = d(lambda s: s.rows_computed)
+    L = cfg.n_layers
+
+    def delta(f):
+        return sum(f(x) - f(y) for x, y in zip(s1, s0))
+
+    n = len(per_step)
     types = {}
     for kind in ("full", "row", "refresh"):
         xs = [p for p in per_step if p["type"] == kind]
         if xs:
             ms = [p["s"] * 1e3 for p in xs]
-            fl = [p["floor_s"] * 1e3 for p in xs]
-            types[kind] = {
-                "count": len(xs), "mean_ms": statistics.mean(ms),
-                "median_ms": statistics.median(ms), "floor_ms": statistics.mean(fl),
-                "floor_kind": max(set(p["floor_kind"] for p in xs),
-                                  key=[p["floor_kind"] for p in xs].count),
-                "x_floor": statistics.mean(ms) / max(1e-9, statistics.mean(fl)),
-                "TFLOPs": sum(p["flops"] for p in xs) / sum(p["s"] for p in xs) / 1e12,
-                "GBps": sum(p["bytes"] for p in xs) / sum(p["s"] for p in xs) / 1e9,
-            }
-    return {
-        "steps_timed": n, "time_s": total, "tokens": tokens,
-        "tok_s": tokens / total if total else 0.0, "steps_s": n / total if total else 0.0,
-        "ms_per_step": 1e3 * total / max(1, n),
-        "rows_per_layer": rows / max(1, n * L * len(prompts)),
-        "compute_fraction": rows / max(1, d(lambda s: s.rows_full)),
-        "layer_refresh_fraction": d(lambda s: s.layers_refreshed)
-        / max(1, d(lambda s: s.layers_total)),
-        "peak_mem_GiB": peak, "types": types,
-        "step_ms": [round(p["s"] * 1e3, 3) for p in per_step],
-        "step_types": [p["type"][0] for p in per_step],
-    }
+            fl = statistics.mean(p["floor_s"] * 1e3 for p in xs)
+            t_s = sum(p["s"] for p in xs)
+            types[kind] = {"count": len(xs), "mean_ms": statistics.mean(ms),
+                           "median_ms": statistics.median(ms), "floor_ms": fl,
+                           "floor": max("bf", key=[p["floor"] for p in xs].count),
+                           "x_floor": statistics.mean(ms) / max(fl, 1e-9),
+                           "TFLOPs": sum(p["flops"] for p in xs) / t_s / 1e12,
+                           "GBps": sum(p["bytes"] for p in xs) / t_s / 1e9}
+    return {"steps_timed": n, "time_s": total, "tokens": tokens,
+            "tok_s": tokens / total if total else 0.0, "steps_s": n / total if total else 0.0,
+            "ms_per_step": 1e3 * total / max(1, n),
+            "rows_per_layer": delta(lambda s: s.rows_computed) / max(1, n * L * len(prompts)),
+            "compute_fraction": delta(lambda s: s.rows_computed)
+            / max(1, delta(lambda s: s.rows_full)),
+            "layer_refresh_fraction": delta(lambda s: s.layers_refreshed)
+            / max(1, delta(lambda s: s.layers_total)),
+            "peak_mem_GiB": peak, "types": types, "passes": counts,
+            "step_ms": [round(p["s"] * 1e3, 3) for p in per_step],
+            "step_types": "".join(p["type"][0] for p in per_step)}
 
 
-def profile_8b(args, ceil):
-    """torch.profiler tables of a few 8B steps (where the time goes)."""
+def pattern_override(pattern: list[list[float | None]], L: int):
+    """Replay recorded refresh starts (fractions of depth) request by request, step by
+    step, cycling; a request's index is its order of admission."""
+    index: dict[str, int] = {}
+
+    def override(r, start):
+        i = index.setdefault(r.id, len(index))
+        seq = pattern[i % len(pattern)]
+        f = seq[(r.step_index - 1) % len(seq)] if seq else None
+        if f is None:
+            return None
+        return min(L - 1, max(1, round(f * L)))
+    return override
+
+
+def largest_batch(model, G: int, P: int, policies_bytes: int) -> int:
+    """Largest batch whose pages fit in 80% of the free GPU memory (multiple of 16)."""
+    free, _ = torch.cuda.mem_get_info()
+    per = (P + G) * policies_bytes
+    return max(16, min(256, int(0.8 * free / per) // 16 * 16))
+
+
+def config_order(batches: list[int], policies: list[str], pattern: bool, largest: bool
+                 ) -> list[tuple[int, str]]:
+    """(batch, policy) in the order the targets need them: Elastic-Cache, the dual cache and
+    full recompute (and Elastic with the mini model's refresh pattern) at batch 1 and the
+    largest listed batch first, then the rest; with `largest`, the largest batch that fits
+    (last in `batches`) for the window-only policies only."""
+    main = [p for p in ("elastic", "dual", "none") if p in policies]
+    if pattern and "elastic" in policies:
+        main.append("elastic@mini")
+    rest = [p for p in policies if p not in main]
+    listed = batches[:-1] if largest else batches
+    first = [b for b in (min(listed), max(listed))]
+    first = sorted(set(first), key=first.index)
+    out = [(b, p) for b in first for p in main]
+    out += [(b, p) for b in listed if b not in first for p in main]
+    out += [(b, p) for b in listed for p in rest]
+    if largest:
+        out += [(batches[-1], p) for p in ("elastic", "dual") if p in policies]
+    return out
+
+
+def run_8b(args, ceil, results, pattern):
+    cfg = llada_8b_config()
+    log("building the LLaDA-8B-shaped random model (bf16, on the GPU)")
+    model = LLaDAModel.random(cfg, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    g = torch.Generator().manual_seed(0)
+    P = args.prompt_len
+    runs = results.setdefault("runs_8b", [])
+    L = cfg.n_layers
+    slot_bytes = 2 * (2 * L * cfg.d_model + (L + 1) * cfg.d_model)
+    for G in args.gens:
+        batches = list(args.batches)
+        if args.largest:
+            batches.append(largest_batch(model, G, P, slot_bytes))
+        prompts = [torch.randint(0, 126000, (P,), generator=g).tolist()
+                   for _ in range(max(batches))]
+        eng = Engine(model, special_8b(), max_batch_size=max(batches), page_size=16,
+                     max_request_tokens=P + G)
+        configs = config_order(batches, args.policies, bool(pattern), args.largest)
+        for batch, pol in configs:
+            if over_budget(args):
+                log(f"budget spent: skipping 8B G={G} batch={batch} {pol}")
+                continue
+            name = pol.split("@")[0]
+            heavy = name in ("none", "prefix", "dkv", "spa") or "@" in pol
+            steps = args.steps_heavy if heavy else args.steps
+            if batch >= 64 and heavy:
+                steps = max(2, steps // 2)
+            ov = pattern_override(pattern, L) if "@" in pol else None
+            try:
+                r = timed_run(eng, prompts[:batch], params_for(name, G), steps, args.warm,
+                              ceil, ov)
+            except torch.cuda.OutOfMemoryError as e:
+                log(f"OOM 8B G={G} b={batch} {pol}: {e}")
+                for rq in list(eng.running) + list(eng.waiting):
+                    eng.abort(rq.id)
+                torch.cuda.empty_cache()
+                continue
+            r.update({"G": G, "batch": batch, "policy": pol, "path": "fused"})
+            runs.append(r)
+            log(f"8B G={G} b={batch} {pol:12s} {r['tok_s']:8.1f} tok/s "
+                f"{r['ms_per_step']:8.2f} ms/step [{r['step_types']}] passes={r['passes']} "
+                + " ".join(f"{k}:{v['mean_ms']:.1f}ms(med {v['median_ms']:.1f})x"
+                           f"{v['x_floor']:.2f}{v['floor']}" for k, v in r["types"].items()))
+        if G == args.gens[0] and args.before and not over_budget(args):
+            use_kernels(False)  # the plain torch path, for before/after
+            for batch in (1, max(args.batches)):
+                for pol in ("none", "elastic"):
+                    r = timed_run(eng, prompts[:batch], params_for(pol, G),
+                                  4 if pol == "none" else 8, 1, ceil)
+                    r.update({"G": G, "batch": batch, "policy": pol, "path": "torch"})
+                    runs.append(r)
+                    log(f"8B torch path G={G} b={batch} {pol} {r['tok_s']:.1f} tok/s "
+                        f"{r['ms_per_step']:.1f} ms/step")
+            use_kernels(True)
+        del eng
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+
+
+# -- the mini model -----------------------------------------------------------------------
+
+def mini_setup(args):
+    from model_executor.tokenizer import load_tokenizer, render_prompt
+
+    folder = os.path.join(ROOT, ".models", "mini-llada-v1")
+    items = [json.loads(line) for line in open(os.path.join(ROOT, ".models", "dev.jsonl"))]
+    if args.mini_n and args.mini_n < len(items):  # interleaved: every task kind
+        items = items[::len(items) // args.mini_n][:args.mini_n]
+    tok = load_tokenizer(folder)
+    prompts = [render_prompt(tok, {"messages": it["messages"]}) for it in items]
+    return folder, items, tok, prompts
+
+
+def run_mini(args, results):
+    folder, items, tok, prompts = mini_setup(args)
+    mx = max(len(p) for p in prompts) + 256
+    res = results.setdefault("mini", [])
+    pattern: list[list[float | None]] = []
+    # Float32: the fused path (kernels + graphs) must give the torch path's tokens.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eng32 = Engine.from_pretrained(folder, dtype=torch.float32, device="cuda",
+                                   max_batch_size=args.mini_batch, max_request_tokens=mx)
+    sub = prompts[:args.fp32_n]
+    fp32 = results.setdefault("mini_fp32_same", {})
+    for pol in (POLICIES if args.fp32_n else []):
+        gp = GenerationParams.from_dict({"policy": pol, "gen_length": 128})
+        use_kernels(False)
+        a = eng32.generate(sub, gp)
+        use_kernels(True)
+        b = eng32.generate(sub, gp)
+        fp32[pol] = sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / len(sub)
+        log(f"mini fp32 fused vs torch path, same tokens: {pol} {fp32[pol]:.3f}")
+    del eng32
+    eng = Engine.from_pretrained(folder, dtype=torch.bfloat16, device="cuda",
+                                 max_batch_size=args.mini_batch, max_request_tokens=mx)
+    policies = args.mini_policies
+    for pol in policies:  # compile and capture outside the timed runs
+        eng.generate(prompts[:args.mini_batch], GenerationParams.from_dict(
+            {"policy": pol, "gen_length": 256}))
+    base = None
+    L = eng.model.cfg.n_layers
+    for pol in policies:
+        if over_budget(args):
+            log(f"budget spent: skipping mini {pol}")
+            continue
+        gp = GenerationParams.from_dict({"policy": pol, "gen_length": 256, "block_length": 32,
+                                         "threshold": 0.9})
+        row = {"policy": pol, "n": len(prompts), "G": 256, "batch": args.mini_batch}
+        ids = {}
+        for path in ("fused", "torch") if args.mini_torch else ("fused",):
+            use_kernels(path == "fused")
+            rec: dict[str, list] = {}
+            if path == "fused" and pol == "elastic":
+                def record(r, start, rec=rec):
+                    rec.setdefault(r.id, []).append(None if start is None else start / L)
+                    return start
+                eng.runner.refresh_override = record
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = eng.generate(prompts, gp)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            eng.runner.refresh_override = None
+            if rec:
+                pattern = list(rec.values())
+            toks = sum(len(r.token_ids) for r in out)
+            texts = [tok.decode(r.token_ids, skip_special_tokens=True) for r in out]
+            row[path] = {
+                "tok_s": toks / dt, "time_s": dt,
+                "accuracy": sum(is_correct(x, it["answer"]) for x, it in zip(texts, items))
+                / len(items),
+                "steps_per_request": statistics.mean(r.stats["steps"] for r in out),
+                "compute_fraction": statistics.mean(r.stats["compute_fraction"] for r in out),
+                "layer_refresh_fraction": statistics.mean(r.stats["layer_refresh_fraction"]
+                                                          for r in out)}
+            ids[path] = [r.token_ids for r in out]
+            if path == "fused":
+                answers = [extract_answer(x) for x in texts]
+                if pol == "none":
+                    base = answers
+                if base is not None:
+                    row["answer_agreement_with_none"] = sum(
+                        a == b for a, b in zip(answers, base)) / len(answers)
+        use_kernels(True)
+        if "torch" in ids:
+            row["same_tokens_fused_vs_torch"] = sum(
+                a == b for a, b in zip(ids["fused"], ids["torch"])) / len(prompts)
+        res.append(row)
+        f, t = row["fused"], row.get("torch", {})
+        log(f"mini {pol:8s} fused {f['tok_s']:8.1f} tok/s acc {f['accuracy']:.3f} cf "
+            f"{f['compute_fraction']:.3f} | torch {t.get('tok_s', 0):7.1f} tok/s | same "
+            f"{row.get('same_tokens_fused_vs_torch', float('nan')):.3f} | agr "
+            f"{row.get('answer_agreement_with_none', float('nan')):.3f} | passes "
+            f"{eng.runner.pass_counts()}")
+    results["mini_pattern"] = pattern
+    results["mini_passes"] = eng.runner.pass_counts()
+    return pattern
+
+
+def run_diag(args, results):
+    """A torch.profiler table of 8B steps (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = llada_8b_config()
-    WORK.cfg = cfg
     model = LLaDAModel.random(cfg, torch.bfloat16, "cuda")
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 126000, (args.prompt_len,), generator=g).tolist()
-               for _ in range(8)]
-    eng = Engine(model, special_8b(), max_batch_size=8, page_size=16,
-                 max_request_tokens=args.prompt_len + 256)
-    for pol, batch in [("dual", 1), ("elastic", 1), ("elastic", 8)]:
-        reqs = [eng.add_request(p, params_for(pol, 256)) for p in prompts[:batch]]
-        for _ in range(4):
+    prompts = [torch.randint(0, 126000, (128,), generator=g).tolist() for _ in range(32)]
+    eng = Engine(model, special_8b(), max_batch_size=32, page_size=16, max_request_tokens=640)
+    for pol, batch in [("elastic", 1), ("elastic", 32), ("dual", 32)]:
+        reqs = [eng.add_request(p, params_for(pol, 512)) for p in prompts[:batch]]
+        for _ in range(8):
             eng.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -282,166 +440,11 @@ def profile_8b(args, ceil):
         for r in reqs:
             eng.abort(r.id)
         ka = prof.key_averages()
-        n_kernels = sum(e.count for e in ka if e.device_type.name == "CUDA")
-        print(f"=== profile {pol} batch {batch}: {n_kernels / 4:.0f} GPU kernels/step")
-        print(ka.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
-        print(ka.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
-
-
-def run_8b(args, ceil, results):
-    cfg = llada_8b_config()
-    WORK.cfg = cfg
-    log("building LLaDA-8B-shaped random model (bf16, on the GPU)")
-    model = LLaDAModel.random(cfg, torch.bfloat16, "cuda")
-    torch.cuda.synchronize()
-    results["kernel_micro"] = kernel_micro(cfg)
-    g = torch.Generator().manual_seed(0)
-    P = args.prompt_len
-    prompts = [torch.randint(0, 126000, (P,), generator=g).tolist() for _ in range(32)]
-    L = cfg.n_layers
-    runs = results.setdefault("runs_8b", [])
-    for G in args.gens:
-        if time.time() - T0 > args.budget_s:
-            log(f"budget spent: skipping G={G}")
-            break
-        eng = Engine(model, special_8b(), max_batch_size=max(args.batches), page_size=16,
-                     max_request_tokens=P + G)
-        # Warm-up: compile kernel variants outside the timed windows (each timed run also
-        # starts with untimed steps).
-        for pol in POLICIES:
-            timed_run(eng, prompts[:2], params_for(pol, G), 2, ceil, L)
-        for batch in args.batches:
-            for pol in args.policies:
-                if time.time() - T0 > args.budget_s:
-                    log(f"budget spent: skipping G={G} batch={batch} {pol}")
-                    continue
-                steps = args.steps_none if pol == "none" else args.steps
-                # Untimed: step 0 and 2 more, then timed steps 3..steps+2 (with 1 token per
-                # step, the window holds one block start when steps = B = 32).
-                try:
-                    r = timed_run(eng, prompts[:batch], params_for(pol, G), steps, ceil, L,
-                                  warm=2)
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    log(f"FAILED 8B G={G} b={batch} {pol}: {e!r}")
-                    for rq in list(eng.running) + list(eng.waiting):
-                        eng.abort(rq.id)
-                    continue
-                r.update({"model": "8b-random", "G": G, "batch": batch, "policy": pol,
-                          "path": "kernels"})
-                runs.append(r)
-                log(f"8B G={G} b={batch} {pol:8s} {r['tok_s']:8.1f} tok/s "
-                    f"{r['ms_per_step']:8.2f} ms/step types="
-                    + " ".join(f"{k}:{v['mean_ms']:.1f}ms/x{v['x_floor']:.2f}"
-                               for k, v in r["types"].items()))
-        # "Before": the plain torch path (the engine core as first written).
-        if G == args.gens[0] and not args.no_before:
-            use_kernels(False)
-            for batch in (1, max(args.batches)):
-                for pol in ("none", "elastic"):
-                    if time.time() - T0 > args.budget_s:
-                        continue
-                    steps = args.steps_none if pol == "none" else min(args.steps, 16)
-                    r = timed_run(eng, prompts[:batch], params_for(pol, G), steps, ceil, L,
-                                  warm=1)
-                    r.update({"model": "8b-random", "G": G, "batch": batch, "policy": pol,
-                              "path": "torch"})
-                    runs.append(r)
-                    log(f"8B torch-path G={G} b={batch} {pol:8s} {r['tok_s']:8.1f} tok/s "
-                        f"{r['ms_per_step']:8.2f} ms/step")
-            use_kernels(True)
-        del eng
-        torch.cuda.empty_cache()
-    del model
-    torch.cuda.empty_cache()
-
-
-# -- mini model ----------------------------------------------------------------------------
-
-def run_mini(args, results):
-    from model_executor.tokenizer import load_tokenizer, render_prompt
-
-    folder = os.path.join(ROOT, ".models", "mini-llada-v1")
-    items = [json.loads(line) for line in open(os.path.join(ROOT, ".models", "dev.jsonl"))]
-    if args.mini_n:  # an interleaved subset: every task kind
-        items = items[::max(1, len(items) // args.mini_n)][:args.mini_n]
-    tok = load_tokenizer(folder)
-    prompts = [render_prompt(tok, {"messages": it["messages"]}) for it in items]
-    eng = Engine.from_pretrained(folder, dtype=torch.bfloat16, device="cuda",
-                                 max_batch_size=args.mini_batch,
-                                 max_request_tokens=max(len(p) for p in prompts) + 256)
-    WORK.cfg = eng.model.cfg
-    from vllm_elastic.core.params import GenerationParams as GP
-    # Logic check: in float32 the kernel path must give the torch path's tokens.
-    fp32 = results.setdefault("mini_fp32_parity", {})
-    if not args.no_fp32_parity:
-        eng32 = Engine.from_pretrained(folder, dtype=torch.float32, device="cuda",
-                                       max_batch_size=args.mini_batch,
-                                       max_request_tokens=max(len(p) for p in prompts) + 256)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        sub = prompts[:48]
-        for pol in POLICIES:
-            gp = GP.from_dict({"policy": pol, "gen_length": 128, "block_length": 32})
-            use_kernels(False)
-            a = eng32.generate(sub, gp)
-            use_kernels(True)
-            b = eng32.generate(sub, gp)
-            fp32[pol] = sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / len(sub)
-            log(f"mini fp32 parity {pol}: {fp32[pol]:.3f}")
-        del eng32
-    out = results.setdefault("mini", [])
-    base_answers: list = []
-    # warm-up (compile)
-    for pol in POLICIES:
-        eng.generate(prompts[:4], GP.from_dict({"policy": pol, "gen_length": 64}))
-    for pol in POLICIES:
-        if time.time() - T0 > args.budget_s:
-            log(f"budget spent: skipping mini {pol}")
-            continue
-        gp = GP.from_dict({"policy": pol, "gen_length": 256, "block_length": 32,
-                           "threshold": 0.9})
-        row = {"policy": pol, "n": len(prompts), "G": 256, "batch": args.mini_batch}
-        for path in ("kernels", "torch"):
-            use_kernels(path == "kernels")
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            res = eng.generate(prompts, gp)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t
-            toks = sum(len(r.token_ids) for r in res)
-            texts = [tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
-            acc = sum(is_correct(tx, it["answer"]) for tx, it in zip(texts, items)) / len(items)
-            steps = sum(r.stats["steps"] for r in res) / len(res)
-            lrf = statistics.mean(r.stats["layer_refresh_fraction"] for r in res)
-            cf = statistics.mean(r.stats["compute_fraction"] for r in res)
-            row[path] = {"tok_s": toks / dt, "time_s": dt, "accuracy": acc,
-                         "steps_per_request": steps, "layer_refresh_fraction": lrf,
-                         "compute_fraction": cf, "tokens": toks}
-            row[path + "_ids"] = [r.token_ids for r in res]
-        same = sum(a == b for a, b in zip(row["kernels_ids"], row["torch_ids"]))
-        row["same_tokens_fraction"] = same / len(prompts)
-        if pol in ("none", "elastic"):
-            # Control: the torch path with another (equally valid) bf16 attention backend,
-            # SDPA's math kernel instead of its flash kernel: how often do tokens survive
-            # a change of rounding alone?
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            use_kernels(False)
-            with sdpa_kernel(SDPBackend.MATH):
-                ctl = eng.generate(prompts, gp)
-            row["control_same_fraction"] = sum(
-                a.token_ids == b for a, b in zip(ctl, row["torch_ids"])) / len(prompts)
-        # Fidelity: same answer line as full recompute (`none`) under the same rule.
-        texts_k = [tok.decode(t, skip_special_tokens=True) for t in row["kernels_ids"]]
-        if pol == "none":
-            base_answers[:] = [extract_answer(t) for t in texts_k]
-        row["answer_agreement_with_none"] = sum(
-            extract_answer(t) == b for t, b in zip(texts_k, base_answers)) / len(prompts)
-        row.pop("kernels_ids")
-        row.pop("torch_ids")
-        use_kernels(True)
-        out.append(row)
-        k, t = row["kernels"], row["torch"]
-        log(f"mini {pol:8s} kernels {k['tok_s']:7.1f} tok/s acc {k['accuracy']:.3f} | torch "
-            f"{t['tok_s']:7.1f} tok/s acc {t['accuracy']:.3f} | same {row['same_tokens_fraction']:.3f}")
+        n_k = sum(e.count for e in ka if e.device_type.name == "CUDA")
+        print(f"=== profile {pol} batch {batch}: {n_k / 4:.0f} GPU kernels/step; passes "
+              f"{eng.runner.pass_counts()}")
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=70))
 
 
 # -- plot and table ------------------------------------------------------------------------
@@ -451,34 +454,39 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results.get("runs_8b", []) if r["path"] == "kernels"]
+    runs = [r for r in results.get("runs_8b", []) if r["path"] == "fused"]
     gens = sorted({r["G"] for r in runs})
-    color = {p: f"C{i}" for i, p in enumerate(POLICIES)}
+    pols = POLICIES + ["elastic@mini"]
+    color = {p: f"C{i}" for i, p in enumerate(pols)}
     fig, axes = plt.subplots(1, len(gens) + 1, figsize=(4.2 * (len(gens) + 1), 3.6),
                              squeeze=False)
     axes = axes[0]
     for ax, G in zip(axes, gens):
-        for pol in POLICIES:
+        for pol in pols:
             xs = sorted((r["batch"], r["tok_s"]) for r in runs if r["G"] == G
                         and r["policy"] == pol)
             if xs:
                 ax.plot([x for x, _ in xs], [y for _, y in xs], "o-", label=pol,
                         color=color[pol])
-        ax.axhline(14.4, color="gray", ls=":", label="authors' Elastic, b=1")
+        if G in AUTHORS_ELASTIC_TOK_S:
+            a = AUTHORS_ELASTIC_TOK_S[G]
+            ax.axhline(a, color="gray", ls=":", label="authors' Elastic, b=1")
+            ax.plot([1], [10 * a], "k_", ms=14, label="10x authors (b=1 bar)")
+            ax.plot([32], [50 * a], "kx", ms=7, label="50x authors (b=32 bar)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch")
         ax.set_ylabel("tokens/s")
-        ax.set_title(f"LLaDA-8B shape (random), G={G}", fontsize=9)
+        ax.set_title(f"LLaDA-8B shape (random bf16), G={G}", fontsize=9)
         ax.legend(fontsize=6)
     ax = axes[-1]
     for row in results.get("mini", []):
-        k = row["kernels"]
-        y = row.get("answer_agreement_with_none", k["accuracy"])
-        ax.plot(k["tok_s"], y, "o", color=color[row["policy"]])
-        ax.annotate(f"{row['policy']} (acc {k['accuracy']:.2f})", (k["tok_s"], y), fontsize=7)
+        f = row["fused"]
+        y = row.get("answer_agreement_with_none", f["accuracy"])
+        ax.plot(f["tok_s"], y, "o", color=color[row["policy"]])
+        ax.annotate(f"{row['policy']} (acc {f['accuracy']:.2f})", (f["tok_s"], y), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("tokens/s (mini model, dev tasks, batch 32)")
+    ax.set_xlabel("tokens/s (mini model, dev tasks, batch 32, bf16)")
     ax.set_ylabel("answer = none's answer (fraction)")
     ax.set_title("mini-llada-v1: fidelity vs throughput", fontsize=9)
     fig.tight_layout()
@@ -486,121 +494,138 @@ def plot(results, path):
 
 
 def merge(paths):
-    """Several runs' JSON into one results dict (later runs add rows)."""
+    """Several runs' JSON in one: for the same (G, batch, policy, path) the later file
+    wins; a mini row measured on both paths is kept over one on the fused path only (the
+    same-tokens column needs both, from one run), else the later wins; other keys are
+    kept from the first file that has them."""
     out = None
     for p in paths:
         with open(p) as f:
             r = json.load(f)
+        for x in r.get("runs_8b", []):
+            x["source"] = os.path.basename(p)
         if out is None:
             out = r
             continue
-        out["runs_8b"] = out.get("runs_8b", []) + r.get("runs_8b", [])
-        have = {m["policy"] for m in r.get("mini", [])}
-        out["mini"] = [m for m in out.get("mini", []) if m["policy"] not in have] + r.get(
-            "mini", [])
+        for k, v in r.items():
+            if k == "runs_8b":
+                key = {(x["G"], x["batch"], x["policy"], x["path"]) for x in v}
+                out[k] = [x for x in out.get(k, []) if (x["G"], x["batch"], x["policy"],
+                                                        x["path"]) not in key] + v
+            elif k == "mini":
+                rows = {m["policy"]: m for m in out.get(k, [])}
+                for m in v:
+                    old = rows.get(m["policy"])
+                    if old is None or "torch" in m or "torch" not in old:
+                        rows[m["policy"]] = m
+                out[k] = [rows[p] for p in POLICIES if p in rows]
+            elif k not in out or not out[k]:
+                out[k] = v
+    out["runs_8b"] = sorted(out.get("runs_8b", []), key=lambda x: (
+        x["path"] != "fused", x["G"], x["batch"], (POLICIES + ["elastic@mini"]).index(
+            x["policy"])))
     return out
 
 
 def table(results):
     c = results.get("ceilings", {})
-    lines = [f"card: {results['card']}  date: {results['date']}  copy BW "
-             f"{c.get('copy_bw_Bps', 0) / 1e12:.2f} TB/s  bf16 {c.get('bf16_flops', 0) / 1e12:.0f}"
-             " TFLOP/s", f"kernel tests: {results.get('kernel_tests')}",
-             "| model | G | batch | policy | path | tok/s | ms/step | full ms (xfloor) | "
-             "row ms (xfloor) | refresh ms (xfloor) | rows/layer | refresh frac | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"card: {results.get('card')}  date: {results.get('date')}  copy "
+             f"{c.get('copy_bw_Bps', 0) / 1e12:.2f} TB/s  bf16 "
+             f"{c.get('bf16_flops', 0) / 1e12:.0f} TFLOP/s  kernel tests: "
+             f"{results.get('kernel_tests')}",
+             "| G | batch | policy | path | tok/s | ms/step | full ms (x floor) | window ms "
+             "(x floor) | refresh ms (x floor) | rows/layer | refresh frac | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.get("runs_8b", []):
-        def cell(k):
+        def cell(k, r=r):
             t = r["types"].get(k)
-            return f"{t['mean_ms']:.1f} ({t['x_floor']:.2f}x {t['floor_kind'][0]})" if t else "-"
-        lines.append(f"| 8B-rand | {r['G']} | {r['batch']} | {r['policy']} | {r['path']} | "
+            if not t:
+                return "-"
+            return f"{t['mean_ms']:.2f} ({t['x_floor']:.2f}x {t['floor']})"
+        lines.append(f"| {r['G']} | {r['batch']} | {r['policy']} | {r['path']} | "
                      f"{r['tok_s']:.1f} | {r['ms_per_step']:.2f} | {cell('full')} | "
                      f"{cell('row')} | {cell('refresh')} | {r['rows_per_layer']:.1f} | "
                      f"{r['layer_refresh_fraction']:.3f} | {r['peak_mem_GiB']:.1f} |")
-    lines.append(f"mini fp32 kernel-vs-torch same tokens: {results.get('mini_fp32_parity')}")
-    lines.append("| mini | policy | kernels tok/s | acc | torch tok/s | acc | same tokens | "
-                 "control same | answer = none's | steps/req | refresh frac |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append(f"mini fp32, fused vs torch path, same tokens: {results.get('mini_fp32_same')}")
+    lines += ["| mini policy | fused tok/s | torch tok/s | acc | answer = none's | compute frac "
+              "| refresh frac | same tokens fused/torch (bf16) |", "|---|---|---|---|---|---|---|---|"]
     for row in results.get("mini", []):
-        k, t = row["kernels"], row["torch"]
-        lines.append(f"| mini | {row['policy']} | {k['tok_s']:.1f} | {k['accuracy']:.3f} | "
-                     f"{t['tok_s']:.1f} | {t['accuracy']:.3f} | "
-                     f"{row['same_tokens_fraction']:.3f} | "
-                     f"{row.get('control_same_fraction', float('nan')):.3f} | "
-                     f"{row.get('answer_agreement_with_none', float('nan')):.3f} | "
-                     f"{k['steps_per_request']:.1f} | "
-                     f"{k['layer_refresh_fraction']:.3f} |")
+        f, t = row["fused"], row.get("torch", {})
+        lines.append(f"| {row['policy']} | {f['tok_s']:.0f} | {t.get('tok_s', 0):.0f} | "
+                     f"{f['accuracy']:.3f} | {row.get('answer_agreement_with_none', 0):.3f} | "
+                     f"{f['compute_fraction']:.3f} | {f['layer_refresh_fraction']:.3f} | "
+                     f"{row.get('same_tokens_fused_vs_torch', float('nan')):.3f} |")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=480)
-    ap.add_argument("--gens", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--parts", default="tests,ceilings,mini,8b")
+    ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--gens", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--steps-none", type=int, default=6)
+    ap.add_argument("--largest", action="store_true", help="also the largest batch that fits")
+    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps-heavy", type=int, default=6)
+    ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--before", action="store_true", help="plain torch path rows (8B)")
     ap.add_argument("--mini-n", type=int, default=0)
     ap.add_argument("--mini-batch", type=int, default=32)
-    ap.add_argument("--skip", nargs="*", default=[])
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--policies", nargs="+", default=POLICIES)
-    ap.add_argument("--no-before", action="store_true")
-    ap.add_argument("--mini-first", action="store_true")
-    ap.add_argument("--no-fp32-parity", action="store_true")
-    ap.add_argument("--merge", nargs="+", help="only plot + table of these JSON files")
+    ap.add_argument("--fp32-n", type=int, default=48, help="0: no float32 parity")
+    ap.add_argument("--mini-policies", nargs="+", default=POLICIES)
+    ap.add_argument("--mini-torch", type=int, default=1, help="0: fused path only")
+    ap.add_argument("--pattern", help="a JSON with mini_pattern from an earlier run")
+    ap.add_argument("--merge", nargs="+")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     if args.merge:
         res = merge(args.merge)
-        os.makedirs(args.out, exist_ok=True)
         plot(res, os.path.join(args.out, "gpu_bench.png"))
         print(table(res))
         return
-    if args.quick:
-        args.gens, args.batches, args.steps, args.mini_n = [256], [1, 8], 8, 64
-    os.makedirs(args.out, exist_ok=True)
-    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-               time.gmtime()), "torch": torch.__version__, "argv": sys.argv[1:]}
-    try:
-        import triton
-        results["triton"] = triton.__version__
-    except ImportError:
-        results["triton"] = None
+    parts = args.parts.split(",")
+    import triton
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": triton.__version__, "argv": sys.argv[1:],
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log(results)
-    if "tests" not in args.skip:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x",
-                            os.path.join(ROOT, "tests", "test_kernels.py")],
-                           capture_output=True, text=True, cwd=ROOT,
-                           env=dict(os.environ, VLLM_ELASTIC_MINI_MODEL=os.path.join(
-                               ROOT, ".models", "mini-llada-v1"), VLLM_ELASTIC_DEV_TASKS=
-                               os.path.join(ROOT, ".models", "dev.jsonl")))
-        results["kernel_tests"] = p.stdout.strip().splitlines()[-1] if p.stdout else p.stderr
-        log("kernel tests:", results["kernel_tests"])
-        if p.returncode:
-            log(p.stdout[-3000:], p.stderr[-2000:])
-    torch.backends.cuda.matmul.allow_tf32 = False
-    results["ceilings"] = ceil = ceilings()
-    log("ceilings", ceil)
 
     def save():
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
             json.dump(results, f, indent=1)
 
-    if args.profile:
-        profile_8b(args, ceil)
-        return
     try:
-        if args.mini_first and "mini" not in args.skip:
-            run_mini(args, results)
+        if "tests" in parts:
+            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                os.path.join(ROOT, "tests", "test_kernels.py")],
+                               capture_output=True, text=True, cwd=ROOT,
+                               env=dict(os.environ, VLLM_ELASTIC_MINI_MODEL=os.path.join(
+                                   ROOT, ".models", "mini-llada-v1"),
+                                   VLLM_ELASTIC_DEV_TASKS=os.path.join(ROOT, ".models",
+                                                                       "dev.jsonl")))
+            lines = (p.stdout or p.stderr).strip().splitlines()
+            results["kernel_tests"] = lines[-1] if lines else f"rc {p.returncode}"
+            log("kernel tests:", results["kernel_tests"])
+            if p.returncode:
+                log(p.stdout[-4000:], p.stderr[-2000:])
+        torch.backends.cuda.matmul.allow_tf32 = False
+        results["ceilings"] = ceil = ceilings()
+        log("ceilings", ceil)
+        if "diag" in parts:
+            run_diag(args, results)
             save()
-        if "8b" not in args.skip:
-            run_8b(args, ceil, results)
+        pattern = None
+        if args.pattern:
+            with open(args.pattern) as f:
+                pattern = json.load(f).get("mini_pattern")
+        if "mini" in parts:
+            pattern = run_mini(args, results)
             save()
-        if not args.mini_first and "mini" not in args.skip:
-            run_mini(args, results)
+        if "8b" in parts:
+            run_8b(args, ceil, results, pattern)
     finally:
         save()
         try:
