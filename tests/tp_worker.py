@@ -28,6 +28,8 @@ def run(rank: int, world: int, port: int, model_dir: str, job_file: str, out_fil
         for fused in (False, True):  # the reference path, then the fused path's torch ops
             engine.runner.fused = fused
             for name, params in job["params"].items():
+                if fused and name not in job.get("fused", ()):
+                    continue
                 res = engine.generate(job["prompts"], GenerationParams.from_dict(params))
                 out[name + ("@fused" if fused else "")] = [r.token_ids for r in res]
         with open(f"{out_file}.{rank}", "w") as f:

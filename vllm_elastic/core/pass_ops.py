@@ -2,9 +2,10 @@
 
 A fused pass (`fused_pass.run_layers`) runs the layers of a padded batch whose shapes are
 fixed by its `PassPlan` geometry, so that a CUDA graph can replay it. Every operation here
-takes the plan's device metadata (`PassTensors`); the torch versions also read the plan's
-host copy (`PassHost`, CPU only: they loop over requests) and compute exactly what the
-per-request reference path (`step_runner` with the policies' own hooks) computes:
+takes the plan's device metadata (`PassTensors`); the torch versions also read its host
+copy (`PassTensors` over numpy: they loop over requests, so they never run in a graph)
+and compute exactly what the per-request reference path (`step_runner` with the
+policies' own hooks) computes:
 
 | op | kernel | torch (reference) |
 |---|---|---|
@@ -29,7 +30,7 @@ from model_executor.layers import RotaryEmbedding, rms_norm
 from .attention import attend, attention_probs
 
 if TYPE_CHECKING:
-    from .pass_plan import PassGeometry, PassHost, PassTensors
+    from .pass_plan import PassGeometry, PassTensors
 
 LOG2E = 1.4426950408889634
 
@@ -88,7 +89,7 @@ def rope_write(kern: bool, qkv: torch.Tensor, t: "PassTensors", rope: RotaryEmbe
 
 
 def attention(kern: bool, q: torch.Tensor, g: "PassGeometry", t: "PassTensors",
-              host: "PassHost | None", k_cache: torch.Tensor, v_cache: torch.Tensor,
+              host: "PassTensors | None", k_cache: torch.Tensor, v_cache: torch.Tensor,
               want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each request's rows attend to its keys: out [rows, heads, dim] and, if asked, the
     rows' log-sum-exp (base 2, of scores * log2(e) / sqrt(dim)) [rows, heads] float32."""
@@ -116,7 +117,7 @@ def attention(kern: bool, q: torch.Tensor, g: "PassGeometry", t: "PassTensors",
 
 
 def old_attention(q_old: torch.Tensor, g: "PassGeometry", t: "PassTensors",
-                  host: "PassHost", k_cache: torch.Tensor) -> torch.Tensor:
+                  host: "PassTensors", k_cache: torch.Tensor) -> torch.Tensor:
     """Tracked rows' attention probabilities before this layer's K/V write (torch):
     [tracked rows, heads, max_len] float32."""
     old = torch.zeros((q_old.shape[0], q_old.shape[1], g.M), dtype=torch.float32,
@@ -148,7 +149,7 @@ def drift_probe(q: torch.Tensor, lse: torch.Tensor, g: "PassGeometry", t: "PassT
                   mass, row_cos=row_cos, acc=acc)
 
 
-def probe_now(q: torch.Tensor, g: "PassGeometry", t: "PassTensors", host: "PassHost",
+def probe_now(q: torch.Tensor, g: "PassGeometry", t: "PassTensors", host: "PassTensors",
               k_cache: torch.Tensor, old: torch.Tensor | None, acc: torch.Tensor,
               mass: torch.Tensor) -> None:
     """Torch: into zeroed acc [3, tracked rows, max_len] (head sums of old*now, old^2,

@@ -20,9 +20,8 @@ once (drift "heads") and hands the result back through `set_track`.
 
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import torch
 
 from ..attention import attention_probs
 from .base import CachePolicy, LayerView
