@@ -78,9 +78,8 @@ def test_paged_attention(dtype, case):
 def test_paged_attention_blocks_lse_and_padding(dtype, splits):
     """The flat block grid with filler blocks and rows, the log-sum-exp output, and keys
     split over programs (combined after)."""
-    from vllm_elastic.core.pass_plan import attention_block_m
+    from vllm_elastic.core.pass_plan import attention_block_m, row_blocks
     from vllm_elastic.kernels import paged_attention_blocks
-    from vllm_elastic.kernels.paged_attention import row_blocks
 
     g = torch.Generator().manual_seed(11)
     heads, dim = 3, 64
@@ -96,8 +95,8 @@ def test_paged_attention_blocks_lse_and_padding(dtype, splits):
     q = torch.randn(T, heads, dim, generator=g).to(dtype).to(DEVICE)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((T, heads), float("nan"), device=DEVICE)
-    paged_attention_blocks(q, torch.tensor(reqs + [-1] * pad, **i32),
-                           torch.tensor(brow + [0] * pad, **i32), torch.tensor(starts, **i32),
+    paged_attention_blocks(q, torch.tensor(reqs.tolist() + [-1] * pad, **i32),
+                           torch.tensor(brow.tolist() + [0] * pad, **i32), torch.tensor(starts, **i32),
                            torch.tensor(lens, **i32), table, k, v, bm, out=out, lse=lse,
                            splits=splits)
     if splits == 1:

@@ -23,7 +23,7 @@ recomputes anyway, at the price of one more host transfer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ class FusedStep:
                                     decide=any(u.seg.decide for u in active),
                                     logits=last == self.L)
             if not from_embed:
-                self._fill_inputs(bufs, plan, prev, carried, new, first)
+                self._fill_inputs(bufs, prev, carried, new, first)
             self._executor(kern).launch(bufs)
             out.append((plan, bufs, list(active)))
             prev = bufs
@@ -116,38 +116,33 @@ class FusedStep:
         bufs.upload()
         return plan, bufs
 
-    def _fill_inputs(self, bufs: PassBuffers, plan: PassPlan, prev: PassBuffers | None,
-                     carried: int, new: list[_Unit], layer: int) -> None:
+    def _fill_inputs(self, bufs: PassBuffers, prev: PassBuffers | None, carried: int,
+                     new: list[_Unit], layer: int) -> None:
         """h_in: the carried rows of the previous sub-pass, then each new unit's rows (a
         previous pass's outputs, or the layer's cached inputs, overlaid with this step's
         rows where a refresh starts at the layer the row pass stopped at)."""
         h_in, dev = bufs.h_in, bufs.h_in.device
         if carried:
             h_in[:carried].copy_(prev.h_out[:carried])
-        rows_src: dict[int, list] = {}  # source buffers -> (dest rows, source rows)
-        over: dict[int, list] = {}
-        caches = []  # (dest offset, n)
+        caches = []  # (dest offset, n): runs of rows read from the layer-input cache
+        copies: dict[int, list] = {}  # source buffers -> [buffers, dest rows, source rows]
         a = carried
         for u in new:
             n = u.seg.num_rows
-            if u.src == "rows":
-                rows_src.setdefault(id(u.src_bufs), [u.src_bufs, [], []])
-                rows_src[id(u.src_bufs)][1].append(np.arange(a, a + n))
-                rows_src[id(u.src_bufs)][2].append(u.src_rows)
-            else:
-                if caches and caches[-1][0] + caches[-1][1] == a:
+            if u.src == "cache":
+                if caches and sum(caches[-1]) == a:
                     caches[-1] = (caches[-1][0], caches[-1][1] + n)
                 else:
                     caches.append((a, n))
-                if u.overlay_pos is not None:
-                    over.setdefault(id(u.src_bufs), [u.src_bufs, [], []])
-                    over[id(u.src_bufs)][1].append(a + u.overlay_pos)
-                    over[id(u.src_bufs)][2].append(u.src_rows)
+            if u.src_bufs is not None:  # "rows", or a cache unit's overlay
+                c = copies.setdefault(id(u.src_bufs), [u.src_bufs, [], []])
+                c[1].append(a + (np.arange(n) if u.overlay_pos is None else u.overlay_pos))
+                c[2].append(u.src_rows)
             a += n
         x = self.store.x[layer]
-        for a, n in caches:
+        for a, n in caches:  # first: the overlays write over these rows
             torch.index_select(x, 0, bufs.dev.slot[a:a + n], out=h_in[a:a + n])
-        for src, dst, rows in list(rows_src.values()) + list(over.values()):
+        for src, dst, rows in copies.values():
             idx = torch.from_numpy(np.stack([np.concatenate(dst), np.concatenate(rows)]))
             idx = idx.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else idx
             h_in.index_copy_(0, idx[0], src.h_out.index_select(0, idx[1]))
@@ -192,9 +187,10 @@ class FusedStep:
         return seg
 
     def _refresh_unit(self, i: int, seg: PassSegment, start: int) -> _Unit:
+        """Every position of row segment `seg`'s request from layer `start` on."""
         r = seg.request
         rs = PassSegment(r, np.arange(r.total_len, dtype=np.int64), True, True, seg.slots,
-                         cand_rows=np.asarray(r.candidates(), dtype=np.int64))
+                         cand_rows=seg.positions[seg.cand_rows])
         if isinstance(r.policy, ElasticCache):
             rs.window_rows = np.asarray(r.policy.window, dtype=np.int64)
         return _Unit(i, rs, start, "cache")
@@ -265,11 +261,8 @@ class FusedStep:
                         u.src_bufs, u.src_rows = bufs, np.arange(a, b)
                         u.overlay_pos = s.positions
                     units.append(u)
-                else:
-                    cont = PassSegment(s.request, s.positions, s.full, s.keep_x, s.slots,
-                                       n_track=s.n_track, window_rows=s.window_rows,
-                                       decide=s.decide and i not in later,
-                                       cand_rows=s.cand_rows)
+                else:  # its drift test goes on, unless the override has decided it
+                    cont = replace(s, decide=s.decide and i not in later)
                     units.append(_Unit(i, cont, c, "rows", bufs, np.arange(a, b)))
             cont_passes = self._run_units(units, L, kern)
             plan_b, bufs_b, members = cont_passes[-1]

@@ -41,6 +41,11 @@ def _k():
     return kernels
 
 
+def _request_keys(t: "PassTensors", host: "PassTensors", r: int) -> torch.Tensor:
+    """Slots of request r's keys (torch versions: one request at a time)."""
+    return t.slot_table[r, :int(host.kv_len[r])].long()
+
+
 def norm_rows(kern: bool, h: torch.Tensor, weight: torch.Tensor, eps: float,
               x_cache: torch.Tensor | None, t: "PassTensors", n_old: int) -> torch.Tensor:
     """[rows + n_old, d]: the rows' normed inputs, then the tracked rows' normed inputs of
@@ -105,7 +110,7 @@ def attention(kern: bool, q: torch.Tensor, g: "PassGeometry", t: "PassTensors",
         a, b = int(host.row_start[r]), int(host.row_start[r + 1])
         if a == b:
             continue
-        slots = t.slot_table[r, :int(host.kv_len[r])].long()
+        slots = _request_keys(t, host, r)
         k = k_cache.index_select(0, slots).transpose(0, 1)
         v = v_cache.index_select(0, slots).transpose(0, 1)
         qr = q[a:b].transpose(0, 1)
@@ -126,9 +131,8 @@ def old_attention(q_old: torch.Tensor, g: "PassGeometry", t: "PassTensors",
         a, b = int(host.old_start[r]), int(host.old_start[r + 1])
         if a == b:
             continue
-        n = int(host.kv_len[r])
-        k = k_cache.index_select(0, t.slot_table[r, :n].long())
-        old[a:b, :, :n] = attention_probs(q_old[a:b], k).transpose(0, 1)
+        k = k_cache.index_select(0, _request_keys(t, host, r))
+        old[a:b, :, :k.shape[0]] = attention_probs(q_old[a:b], k).transpose(0, 1)
     return old
 
 
@@ -158,8 +162,8 @@ def probe_now(q: torch.Tensor, g: "PassGeometry", t: "PassTensors", host: "PassT
         a, b = int(host.probe_start[r]), int(host.probe_start[r + 1])
         if a == b:
             continue
-        n = int(host.kv_len[r])
-        k = k_cache.index_select(0, t.slot_table[r, :n].long())
+        k = k_cache.index_select(0, _request_keys(t, host, r))
+        n = k.shape[0]
         rows = t.probe_idx[a:b].long()
         nt, w0 = int(host.n_track[r]), int(host.win_off[r])
         if nt:

@@ -109,7 +109,7 @@ class PassGeometry:
             ("win_off", (R,)), ("old_start", (R + 1,)), ("track_pos", (NT,)),
             ("t_req", (NT,)), ("is_mask", (R, M) if P else (0,)),
             ("key_row", (R, M) if NT else (0,)), ("gamma", (R,)),
-            ("force", (R,)), ("decides", (R,)), ("cand_idx", (C,)), ("cand_flag", (C,)),
+            ("decides", (R,)), ("cand_idx", (C,)), ("cand_flag", (C,)),
             ("stop_ids", (self.n_stop,)),
         ]
 
@@ -126,21 +126,37 @@ class PassGeometry:
         return parts
 
 
+def _field_offsets(g: PassGeometry) -> tuple[list[tuple[str, tuple[int, ...], int]], int]:
+    """(name, shape, offset) of every field of the packed int32 buffer, and its length;
+    every field starts 16-byte aligned (Triton specialises kernels on pointer alignment)."""
+    out, o = [], 0
+    for name, shape in g.int_fields():
+        out.append((name, shape, o))
+        o += -(-int(np.prod(shape)) // 4) * 4
+    return out, o
+
+
 class PassTensors:
     """Named views of a plan's packed int32 buffer (device or host)."""
 
     def __init__(self, buf, g: PassGeometry):
-        o = 0
-        for name, shape in g.int_fields():
-            n = int(np.prod(shape))
-            setattr(self, name, buf[o:o + n].reshape(shape))
-            o += -(-n // 4) * 4  # every field 16-byte aligned (Triton specialises on it)
-        self.size = o
+        for name, shape, o in _field_offsets(g)[0]:
+            setattr(self, name, buf[o:o + int(np.prod(shape))].reshape(shape))
 
 
 def int_buffer_size(g: PassGeometry) -> int:
     """Length of the packed int32 buffer of a geometry."""
-    return sum(-(-int(np.prod(shape)) // 4) * 4 for _, shape in g.int_fields())
+    return _field_offsets(g)[1]
+
+
+def row_blocks(row_start, block_m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The flat attention grid of a batch: (request, first row) of every block of
+    block_m rows, request by request."""
+    row_start = np.asarray(row_start, dtype=np.int64)
+    nb = -(-(row_start[1:] - row_start[:-1]) // block_m)
+    req = np.repeat(np.arange(nb.shape[0]), nb)
+    first = np.repeat(np.cumsum(nb) - nb, nb)
+    return req, row_start[req] + (np.arange(req.shape[0]) - first) * block_m
 
 
 @dataclass
@@ -150,8 +166,7 @@ class PassPlan:
     segments: list[PassSegment]
     geometry: PassGeometry
     row_start: list[int] = field(default_factory=list)  # real segments' row offsets
-    cand_start: list[int] = field(default_factory=list)
-    old_start: list[int] = field(default_factory=list)
+    cand_start: list[int] = field(default_factory=list)  # their candidates' offsets
 
     @classmethod
     def build(cls, segments: list[PassSegment], first: int, last: int, *, from_embed: bool,
@@ -189,7 +204,6 @@ class PassPlan:
         """Write the plan into `t` (host views of the packed buffer)."""
         g, segs = self.geometry, self.segments
         T, R = self.row_start[-1], len(segs)
-        row0 = np.asarray(self.row_start[:-1], dtype=np.int64)
         pos = np.concatenate([s.positions for s in segs])
         slots = np.concatenate([s.slots[s.positions] for s in segs])
         t.pos[:T], t.pos[T:] = pos, 0
@@ -208,12 +222,7 @@ class PassPlan:
             n = int(s.slots.shape[0])
             t.kv_len[i] = n
             t.slot_table[i, :n] = s.slots
-        # Attention row blocks.
-        bm = g.block_m
-        nb = [-(-s.num_rows // bm) for s in segs]
-        req = np.repeat(np.arange(R), nb)
-        first_blk = np.repeat(np.cumsum([0] + nb[:-1]), nb)
-        rows = row0[req] + (np.arange(req.shape[0]) - first_blk) * bm
+        req, rows = row_blocks(self.row_start, g.block_m)
         n = req.shape[0]
         t.blk_req[:n], t.blk_req[n:] = req, -1
         t.blk_row[:n], t.blk_row[n:] = rows, 0
@@ -242,7 +251,6 @@ class PassPlan:
             t.probe_idx[P:] = 0
             t.probe_start[:R + 1], t.probe_start[R + 1:] = pstart, P
             t.old_start[:R + 1], t.old_start[R + 1:] = ostart, NT
-            self.old_start = ostart
             t.track_pos[:NT] = np.concatenate(tpos) if tpos else []
             t.track_pos[NT:] = 0
             t.t_req[:NT] = np.concatenate(treq) if treq else []
@@ -261,13 +269,10 @@ class PassPlan:
             t.probe_start[:] = 0
             t.old_start[:] = 0
         t.gamma[:] = 0
-        t.force[:] = 0
-        t.decides[:] = 0
+        t.decides[:] = 0  # (a forced refresh is decided on the host)
         for i, s in enumerate(segs):
             if s.decide:
-                p = s.request.params.policy
-                t.gamma[i:i + 1].view(np.float32)[0] = p.gamma
-                t.force[i] = int(p.force_refresh)
+                t.gamma[i:i + 1].view(np.float32)[0] = s.request.params.policy.gamma
                 t.decides[i] = 1
         # Candidates.
         cidx, cflag, cstart = [], [], [0]

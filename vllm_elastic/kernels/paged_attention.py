@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from vllm_elastic.core.pass_plan import attention_block_m
+from vllm_elastic.core.pass_plan import attention_block_m, row_blocks
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64
@@ -124,16 +125,6 @@ def _combine_kernel(o_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, n_heads, n_rows, s
         tl.store(lse_ptr + row * n_heads + h, m_max + tl.log2(l_tot))
 
 
-def row_blocks(row_start: list[int], block_m: int) -> tuple[list[int], list[int]]:
-    """The flat grid of a batch: (request, first row) of every block of block_m rows."""
-    reqs, rows = [], []
-    for r in range(len(row_start) - 1):
-        for a in range(row_start[r], row_start[r + 1], block_m):
-            reqs.append(r)
-            rows.append(a)
-    return reqs, rows
-
-
 def attention_splits(n_blocks: int, heads: int, max_len: int) -> int:
     """Key splits for a grid of n_blocks x heads programs: enough programs for the GPU,
     at least two key blocks a split."""
@@ -197,9 +188,9 @@ def paged_attention_triton(q: torch.Tensor, batch, k_cache: torch.Tensor,
     """Drop-in for `paged_attention_torch(q, batch, k_cache, v_cache)` (a `RaggedBatch`)."""
     meta = batch.device_meta(q.device)
     bm = attention_block_m(meta["max_rows"])
-    reqs, rows = row_blocks(list(batch.row_offsets), bm)
-    blocks = torch.tensor([reqs, rows], dtype=torch.int32).pin_memory() if q.is_cuda else \
-        torch.tensor([reqs, rows], dtype=torch.int32)
+    blocks = torch.from_numpy(np.stack(row_blocks(batch.row_offsets, bm)).astype(np.int32))
+    if q.is_cuda:
+        blocks = blocks.pin_memory()
     blocks = blocks.to(q.device, non_blocking=True)
     return paged_attention_blocks(q, blocks[0], blocks[1], meta["row_offsets"],
                                   meta["kv_lens"], meta["slot_table"], k_cache, v_cache, bm)
