@@ -44,6 +44,15 @@ def special_ids(folder: str, tokenizer: Any | None = None) -> SpecialIds:
                       bos=cfg.bos_token_id)
 
 
+def config_special_ids(folder: str) -> SpecialIds:
+    """The special ids config.json alone gives (no tokenizer: no end-of-turn id)."""
+    from .config import LLaDAConfig
+
+    cfg = LLaDAConfig.from_folder(folder)
+    return SpecialIds(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=None,
+                      bos=cfg.bos_token_id)
+
+
 def render_prompt(tokenizer: Any, item: dict[str, Any]) -> list[int]:
     """Token ids of one input: raw `prompt` text, or chat `messages` via the chat template."""
     if "messages" in item and item["messages"] is not None:

@@ -19,10 +19,14 @@ import torch
 from .fused_pass import PassBuffers, run_layers
 from .pass_plan import PassGeometry
 
+# A pass is captured only while its widest activation stays under this many bytes, which
+# bounds the shared graph pool (captures reuse the pool's blocks; passes never overlap).
+GRAPH_MAX_BYTES = 1 << 29
+
 
 class PassExecutor:
     def __init__(self, model, store, *, kernels: bool, graphs: bool, max_graphs: int = 48,
-                 graph_max_bytes: int = 1 << 29):
+                 graph_max_bytes: int = GRAPH_MAX_BYTES):
         self.model = model
         self.store = store
         self.kernels = kernels

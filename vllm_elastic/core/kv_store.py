@@ -80,15 +80,23 @@ class PagedKVStore:
 
     def __init__(self, layout: StoreLayout, allocator: PageAllocator | None = None):
         self.layout = layout
+        self.k, self.v, self.x = self.allocate_tensors(layout)
+        self.allocator = allocator if allocator is not None else PageAllocator(layout.num_pages)
+
+    @staticmethod
+    def allocate_tensors(layout: StoreLayout
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                    list[torch.Tensor] | None]:
+        """Zeroed K, V (one per layer) and layer inputs (x[l] = input of layer l;
+        x[num_layers] = the final hidden state before ln_f; None if not kept)."""
         n_slots = layout.num_pages * layout.page_size
         kv_shape = (n_slots, layout.num_heads, layout.head_dim)
         mk = dict(dtype=layout.dtype, device=layout.device)
-        self.k = [torch.zeros(kv_shape, **mk) for _ in range(layout.num_layers)]
-        self.v = [torch.zeros(kv_shape, **mk) for _ in range(layout.num_layers)]
-        # x[l] = input of layer l; x[num_layers] = the final hidden state (before ln_f).
-        self.x = ([torch.zeros(n_slots, layout.hidden_size, **mk)
-                   for _ in range(layout.num_layers + 1)] if layout.keep_layer_inputs else None)
-        self.allocator = allocator if allocator is not None else PageAllocator(layout.num_pages)
+        k = [torch.zeros(kv_shape, **mk) for _ in range(layout.num_layers)]
+        v = [torch.zeros(kv_shape, **mk) for _ in range(layout.num_layers)]
+        x = ([torch.zeros(n_slots, layout.hidden_size, **mk)
+              for _ in range(layout.num_layers + 1)] if layout.keep_layer_inputs else None)
+        return k, v, x
 
     @classmethod
     def from_tensors(cls, layout: StoreLayout, k: list[torch.Tensor], v: list[torch.Tensor],

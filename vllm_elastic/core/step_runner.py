@@ -80,15 +80,20 @@ class StepRunner:
     `refresh_override`, if set, replaces Elastic-Cache's drift decision: it gets the
     request and the start the drift test found (on the fused path: in the layers the row
     pass has run so far), or None, and returns the refresh start to use, or None.
-    Benchmarks replay a recorded refresh pattern with it."""
+    Benchmarks replay a recorded refresh pattern with it.
+    `max_rows`, if set, bounds the rows one pass may compute (its activation memory): a
+    batch whose requests could together compute more (a full pass or a refresh computes
+    every position of a request) is stepped in consecutive groups that fit. Requests are
+    independent, so the tokens are those of one batch."""
 
     def __init__(self, model: LLaDAModel, store: PagedKVStore, *, fused: bool | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, max_rows: int | None = None):
         self.model = model
         self.store = store
         self.num_layers = model.cfg.n_layers
         self.fused = fused
         self.cuda_graphs = cuda_graphs
+        self.max_rows = max_rows
         self.refresh_override: Callable[[Request, int | None], int | None] | None = None
         self.chunking = True  # fused path: stop the row pass where refreshes are expected
         self._fused = None  # FusedStep, made on first use
@@ -99,6 +104,24 @@ class StepRunner:
     def step(self, requests: list[Request]) -> list[StepOutput]:
         if not requests:
             return []
+        return [out for group in self._row_groups(requests) for out in self._step(group)]
+
+    def _row_groups(self, requests: list[Request]) -> list[list[Request]]:
+        """Consecutive groups whose requests' positions fit `max_rows` (a request longer
+        than that runs alone)."""
+        if self.max_rows is None or sum(r.total_len for r in requests) <= self.max_rows:
+            return [requests]
+        groups: list[list[Request]] = [[]]
+        rows = 0
+        for r in requests:
+            if groups[-1] and rows + r.total_len > self.max_rows:
+                groups.append([])
+                rows = 0
+            groups[-1].append(r)
+            rows += r.total_len
+        return groups
+
+    def _step(self, requests: list[Request]) -> list[StepOutput]:
         rows_of = []
         for r in requests:
             if r.finished:

@@ -1,7 +1,7 @@
 """The model class vLLM resolves for `architectures: ["LLaDAModelLM"]`.
 
 It satisfies vLLM's model contract (text generation) but holds no weights: our model
-runner (`model_runner.ElasticModelRunner`) loads the checkpoint into the engine core's
+runner (`model_runner.ElasticRunnerMixin`) loads the checkpoint into the engine core's
 `model_executor.llada.LLaDAModel` and drives it with the core's `StepRunner`. vLLM's own
 forward path is never used for LLaDA, so these methods refuse to run.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 _NOT_HERE = ("LLaDAModelLM is driven by vllm_elastic's model runner, not by vLLM's forward "
-             "path; is the worker class vllm_elastic.vllm_plugin.worker.ElasticCPUWorker?")
+             "path; is the worker class vllm_elastic.vllm_plugin.cpu_worker.ElasticCPUWorker or gpu_worker.ElasticGPUWorker?")
 
 
 class LLaDAModelLM(nn.Module):

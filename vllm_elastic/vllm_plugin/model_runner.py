@@ -1,4 +1,8 @@
-"""vLLM model runner that advances LLaDA requests with the engine core's StepRunner.
+"""The platform-independent part of the plugin's vLLM model runner: LLaDA requests advanced
+by the engine core's StepRunner.
+
+`cpu_worker.ElasticCPUModelRunner` and `gpu_worker.ElasticGPUModelRunner` are this mixin
+on top of vLLM's CPU and GPU runners; only memory profiling differs between them.
 
 vLLM keeps doing what it does well: admission, block tables, preemption, abort, stop
 checks, detokenisation, streaming. This runner maps each SchedulerOutput onto the core:
@@ -16,6 +20,12 @@ KV memory: one KV-cache "layer" (`POOL_LAYER`) whose page is a whole core page (
 every layer for this rank's heads, plus the layer inputs x_0..x_L that Elastic-Cache and
 SPA-Cache keep), so vLLM's block count accounts for everything the core stores. The
 tensors are allocated here from the number of blocks vLLM computed; block id = page id.
+A step computes at most `max_num_batched_tokens` rows per pass (the StepRunner splits a
+larger batch), which bounds the activation memory that the GPU runner's profile run
+measures.
+
+Weights: the checkpoint's, or with `--load-format dummy` random weights of its shape
+(`LLaDAModel.random`, seeded by `--seed`), for speed measurements without a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,18 +35,16 @@ from typing import Any
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from model_executor.llada import LLaDAModel
 from model_executor.parallel import TensorParallel
-from model_executor.tokenizer import special_ids
 from vllm_elastic.core.kv_store import PagedKVStore, StoreLayout
 from vllm_elastic.core.request import Request
 from vllm_elastic.core.step_runner import StepRunner
 
 from .metrics import STAT_KEYS, request_stats_vector
 from .model import LLaDAModelLM
-from .request_params import request_params, server_defaults
+from .request_params import plugin_special_ids, request_params, server_defaults
 
 from vllm.logger import init_logger
 
@@ -57,23 +65,51 @@ def vllm_tensor_parallel() -> TensorParallel:
                           all_gather_fn=lambda x: g.all_gather(x.contiguous(), dim=-1))
 
 
-class ElasticModelRunner(CPUModelRunner):
+def model_bytes(model: LLaDAModel) -> int:
+    """Bytes of this rank's weights."""
+    tensors = [model.wte, model.head, model.ln_f]
+    for layer in model.layers:
+        tensors += [layer.attn_norm, layer.w_qkv, layer.w_o, layer.ff_norm, layer.w_gate_up,
+                    layer.w_down]
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t.data_ptr() not in seen:  # tied embeddings count once
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class ElasticRunnerMixin:
+    """Put before vLLM's runner class in the bases; uses its vllm_config, model_config,
+    cache_config, scheduler_config and device."""
+
     # -- model ---------------------------------------------------------------------------
 
-    def load_model(self, load_dummy_weights: bool = False) -> None:
-        if load_dummy_weights:
-            raise ValueError("vllm-elastic cannot load dummy weights")
+    def load_model(self, load_dummy_weights: bool = False, **_: Any) -> None:
         from vllm.config import set_current_vllm_config
 
+        from model_executor.config import LLaDAConfig
+
         folder = self.model_config.model
-        logger.info("vllm-elastic: loading LLaDA %s (dtype %s)", folder, self.model_config.dtype)
+        dummy = load_dummy_weights or str(self.vllm_config.load_config.load_format) == "dummy"
+        dtype = self.model_config.dtype
         with set_current_vllm_config(self.vllm_config):
             self.model = LLaDAModelLM(vllm_config=self.vllm_config)
-        self.core_model = LLaDAModel.from_pretrained(
-            folder, dtype=self.model_config.dtype, device=self.device,
-            tp=vllm_tensor_parallel())
+        tp = vllm_tensor_parallel()
+        if dummy:
+            logger.info("vllm-elastic: random LLaDA weights of %s's shape (dtype %s)",
+                        folder, dtype)
+            self.core_model = LLaDAModel.random(
+                LLaDAConfig.from_folder(folder), dtype=dtype, device=self.device, tp=tp,
+                seed=int(self.model_config.seed or 0))
+        else:
+            logger.info("vllm-elastic: loading LLaDA %s (dtype %s)", folder, dtype)
+            self.core_model = LLaDAModel.from_pretrained(folder, dtype=dtype,
+                                                         device=self.device, tp=tp)
         self.model.core = self.core_model
-        self.special = special_ids(folder)
+        self.model_memory_usage = model_bytes(self.core_model)
+        self.special = plugin_special_ids(self.vllm_config)
         self.base_params = server_defaults(self.vllm_config)
         self.core_requests: dict[str, Request] = {}
         self.store: PagedKVStore | None = None
@@ -81,6 +117,12 @@ class ElasticModelRunner(CPUModelRunner):
 
     def get_model(self):
         return self.model
+
+    @property
+    def max_pass_rows(self) -> int:
+        """Rows one pass may compute (the StepRunner splits larger batches)."""
+        return max(int(self.scheduler_config.max_num_batched_tokens),
+                   int(self.model_config.max_model_len))
 
     # -- KV cache --------------------------------------------------------------------------
 
@@ -101,33 +143,24 @@ class ElasticModelRunner(CPUModelRunner):
             page_size_padded=layout.bytes_per_page())
         return {POOL_LAYER: spec}
 
-    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False,
-                            kv_cache_allocation_context=None) -> None:
+    def initialize_kv_cache(self, kv_cache_config, *args: Any, **kwargs: Any) -> None:
         self.kv_cache_config = kv_cache_config
         layout = self._layout(kv_cache_config.num_blocks)
-        n = layout.num_pages * layout.page_size
-        mk = dict(dtype=layout.dtype, device=layout.device)
-        k = [torch.zeros(n, layout.num_heads, layout.head_dim, **mk)
-             for _ in range(layout.num_layers)]
-        v = [torch.zeros(n, layout.num_heads, layout.head_dim, **mk)
-             for _ in range(layout.num_layers)]
-        x = [torch.zeros(n, layout.hidden_size, **mk) for _ in range(layout.num_layers + 1)]
-        self.store = PagedKVStore.from_tensors(layout, k, v, x)
-        self.step_runner = StepRunner(self.core_model, self.store)
-        self.kv_caches = k + v + x
-        logger.info("vllm-elastic: KV pool of %d pages x %d positions (%.1f MiB)",
-                    layout.num_pages, layout.page_size,
-                    layout.num_pages * layout.bytes_per_page() / 2 ** 20)
+        self.store = PagedKVStore.from_tensors(layout, *PagedKVStore.allocate_tensors(layout))
+        self.step_runner = StepRunner(self.core_model, self.store,
+                                      max_rows=self.max_pass_rows)
+        self.kv_caches = list(self.store.k) + list(self.store.v) + list(self.store.x or [])
+        logger.info("vllm-elastic: KV pool of %d pages x %d positions (%.2f GiB), "
+                    "passes of at most %d rows", layout.num_pages, layout.page_size,
+                    layout.num_pages * layout.bytes_per_page() / 2 ** 30, self.max_pass_rows)
 
     # -- no vLLM forward passes --------------------------------------------------------------
 
     def warming_up_model(self) -> None:
         pass
 
-    def profile_run(self) -> None:
-        pass
-
     def capture_model(self) -> int:
+        # The core captures its own CUDA graphs, one per pass geometry, as they recur.
         return 0
 
     def take_draft_token_ids(self):
@@ -142,7 +175,7 @@ class ElasticModelRunner(CPUModelRunner):
     def _update_states(self, so) -> None:
         for rid in so.finished_req_ids:
             self.core_requests.pop(rid, None)
-        for rid in (so.preempted_req_ids or ()):
+        for rid in (getattr(so, "preempted_req_ids", None) or ()):
             r = self.core_requests.get(rid)
             if r is not None:  # its blocks are gone; keep the canvas and the commits
                 r.pages, r.slot_map = [], None
