@@ -72,10 +72,12 @@ class LLaDAEngineConfig(VerifyAndUpdateConfig):
         # LLaDA's KV depends on the whole canvas: no prefix sharing, no partial prompts.
         vllm_config.cache_config.enable_prefix_caching = False
         sc.enable_chunked_prefill = False
-        # Each step "schedules" every running request's remaining canvas: let the budget
-        # hold max_num_seqs default canvases plus one full-length admission.
+        # Each step "schedules" every running request's remaining canvas, and a pass may
+        # compute every position of every running request (full passes, refreshes): let
+        # the budget hold max_num_seqs requests of max_model_len (the runner bounds a
+        # pass's rows by it, and splits larger batches).
         max_len = vllm_config.model_config.max_model_len
-        want = max_len + sc.max_num_seqs * base.decode.gen_length
+        want = max(max_len + sc.max_num_seqs * base.decode.gen_length, sc.max_num_seqs * max_len)
         budget = max(sc.max_num_batched_tokens, max_len, min(want, _MAX_AUTO_BUDGET))
         if budget != sc.max_num_batched_tokens:
             logger.info("vllm-elastic: max_num_batched_tokens %d -> %d",

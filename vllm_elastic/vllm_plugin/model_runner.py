@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
@@ -39,6 +40,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from model_executor.llada import LLaDAModel
 from model_executor.parallel import TensorParallel
 from vllm_elastic.core.kv_store import PagedKVStore, StoreLayout
+from vllm_elastic.core.params import GenerationParams
 from vllm_elastic.core.request import Request
 from vllm_elastic.core.step_runner import StepRunner
 
@@ -51,6 +53,9 @@ from vllm.logger import init_logger
 logger = init_logger("vllm." + __name__)  # under vLLM's configured "vllm" logger
 
 POOL_LAYER = "vllm_elastic.kv_pool"
+# Positions of each dummy request of the profile pass (the keys per request do not change
+# the activation memory: attention streams over them).
+PROFILE_REQUEST_LEN = 1024
 
 
 def vllm_tensor_parallel() -> TensorParallel:
@@ -153,6 +158,37 @@ class ElasticRunnerMixin:
         logger.info("vllm-elastic: KV pool of %d pages x %d positions (%.2f GiB), "
                     "passes of at most %d rows", layout.num_pages, layout.page_size,
                     layout.num_pages * layout.bytes_per_page() / 2 ** 30, self.max_pass_rows)
+
+    @torch.inference_mode()
+    def profile_pass(self, reserve_bytes: int = 0) -> int:
+        """The largest pass a step runs: a full pass of `max_pass_rows` rows (dummy
+        requests of at most `PROFILE_REQUEST_LEN` positions, all on the same scratch
+        pages), with `reserve_bytes` held alongside; returns the rows computed. Its peak
+        is the activation memory a memory profile must see."""
+        model = self.core_model
+        rows = self.max_pass_rows
+        per = min(PROFILE_REQUEST_LEN, rows, int(self.model_config.max_model_len) - 1)
+        gen = 32 if per > 64 else per // 2
+        layout = self._layout(-(-per // self.cache_config.block_size))
+        store = PagedKVStore(layout)
+        runner = StepRunner(model, store, max_rows=rows, cuda_graphs=False)
+        params = GenerationParams.from_dict({"policy": "elastic", "gen_length": gen,
+                                             "block_length": gen, "stop_at_eos": False})
+        rng = np.random.default_rng(0)
+        pages = list(range(layout.num_pages))
+        slot_map = store.slot_map(pages, per)
+        requests = []
+        for i in range(max(1, rows // per)):
+            prompt = rng.integers(0, model.cfg.vocab_size, per - gen).tolist()
+            r = Request(f"profile-{i}", prompt, params, self.special, device=model.device)
+            r.pages, r.slot_map = pages, slot_map
+            requests.append(r)
+        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=model.device)
+        runner.step(requests)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        del reserve
+        return sum(r.total_len for r in requests)
 
     # -- no vLLM forward passes --------------------------------------------------------------
 
