@@ -42,7 +42,7 @@ from model_executor.config import llada_8b_config  # noqa: E402
 from model_executor.llada import LLaDAModel  # noqa: E402
 from model_executor.tokenizer import SpecialIds  # noqa: E402
 from vllm_elastic.core import Engine, GenerationParams  # noqa: E402
-from vllm_elastic.core.attention import use_kernels  # noqa: E402
+from vllm_elastic.kernels import use_kernels  # noqa: E402
 from vllm_elastic.evaluation import extract_answer, is_correct  # noqa: E402
 
 POLICIES = ["none", "prefix", "dual", "elastic", "spa", "dkv"]

@@ -78,7 +78,7 @@ def test_paged_attention(dtype, case):
 def test_paged_attention_blocks_lse_and_padding(dtype, splits):
     """The flat block grid with filler blocks and rows, the log-sum-exp output, and keys
     split over programs (combined after)."""
-    from vllm_elastic.core.pass_plan import attention_block_m, row_blocks
+    from vllm_elastic.kernels.grid import attention_block_m, row_blocks
     from vllm_elastic.kernels import paged_attention_blocks
 
     g = torch.Generator().manual_seed(11)
@@ -216,7 +216,7 @@ def test_attention_probe(dtype, final):
     are the new ones except at this step's rows, whose previous K is in k_prev. `final`:
     per-row cosine sums; else the head sums (what tensor parallelism all-reduces)."""
     from vllm_elastic.core.attention import attention_probs
-    from vllm_elastic.core.fused_pass import drift_from_sums
+    from vllm_elastic.core.fused.layers import drift_from_sums
     from vllm_elastic.kernels import drift_probe, probe_lse
 
     g = torch.Generator().manual_seed(3)
@@ -290,7 +290,7 @@ def test_fused_path_kernels_and_graphs_fp32(model_dir, dev_prompts):
     same path with torch operations (float32, TF32 off), for requests that refresh (the
     row pass chunked), block policies and a mixed batch; replays included."""
     from vllm_elastic.core import Engine, GenerationParams
-    from vllm_elastic.core.attention import use_kernels
+    from vllm_elastic.kernels import use_kernels
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -74,27 +74,12 @@ def paged_attention_torch(q: torch.Tensor, batch: RaggedBatch, k_cache: torch.Te
     return out
 
 
-_KERNELS: dict[str, object] = {}
-
-
-def use_kernels(enabled: bool) -> None:
-    """Turn the GPU kernels on or off (they are on by default where available)."""
-    _KERNELS["disabled"] = not enabled
-
-
-def kernels_disabled() -> bool:
-    return bool(_KERNELS.get("disabled"))
-
-
 def paged_attention(q: torch.Tensor, batch: RaggedBatch, k_cache: torch.Tensor,
                     v_cache: torch.Tensor) -> torch.Tensor:
-    if (q.is_cuda or q.device.type == "cpu") and not _KERNELS.get("disabled"):
-        try:
-            from vllm_elastic.kernels import enabled, paged_attention_triton
-        except ImportError:
-            paged_attention_triton = None
-        if paged_attention_triton is not None and enabled(q):
-            return paged_attention_triton(q, batch, k_cache, v_cache)
+    from vllm_elastic import kernels
+
+    if kernels.paged_attention_triton is not None and kernels.enabled(q):
+        return kernels.paged_attention_triton(q, batch, k_cache, v_cache)
     return paged_attention_torch(q, batch, k_cache, v_cache)
 
 

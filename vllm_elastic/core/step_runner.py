@@ -15,10 +15,10 @@ A step runs in two phases:
 Then the candidates' logits decide the commits.
 
 Two paths compute the same tokens (checked in float32):
-* the fused path (`fused_step`, `fused_pass`; the default on CUDA with Triton): each pass
+* the fused path (`core.fused`; the default on CUDA with Triton): each pass
   is one padded batch of fixed geometry whose per-layer work is a handful of kernels, with
   the Elastic-Cache probes of every request batched, replayed as a CUDA graph once its
-  geometry repeats (`cuda_graphs`); the row pass stops where the batch is expected to
+  geometry repeats; the row pass stops where the batch is expected to
   refresh, and decisions reach the host in one copy per pass. It takes the policies
   `none`, `prefix`, `dual`, `dkv` and `elastic` (drift "heads", at most 64 tracked + window
   rows);
@@ -36,7 +36,7 @@ import torch
 
 from model_executor.llada import LLaDAModel
 
-from .attention import RaggedBatch, kernels_disabled, paged_attention
+from .attention import RaggedBatch, paged_attention
 from .decoding import choose_tokens, select_commits
 from .kv_store import PagedKVStore
 from .policies.base import LayerView
@@ -154,11 +154,9 @@ class StepRunner:
         return outputs
 
     def _kernels(self) -> bool:
-        if kernels_disabled():
-            return False
         from vllm_elastic import kernels  # without Triton: AVAILABLE is False
 
-        return kernels.AVAILABLE and kernels.enabled(self.model.wte)
+        return kernels.enabled(self.model.wte)
 
     def _fusable(self, r: Request, rows: list[int] | None) -> bool:
         p = r.policy
@@ -181,7 +179,7 @@ class StepRunner:
     def _fused_step(self, requests: list[Request], rows_of: list, kern: bool
                     ) -> list[_Decided]:
         if self._fused is None:
-            from .fused_step import FusedStep
+            from .fused import FusedStep
 
             self._fused = FusedStep(self.model, self.store, cuda_graphs=self.cuda_graphs)
         out = []

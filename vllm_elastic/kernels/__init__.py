@@ -12,14 +12,27 @@ and the test reference:
 | `rope_kv_write_triton` | `RotaryEmbedding.apply` on q and k + `PagedKVStore.write_kv` |
 | `probe_lse` / `drift_probe` | `core.attention.attention_probs` + Elastic's drift test and window mass |
 
-The fused pass reaches them through `core.pass_ops`, which holds the torch versions.
+The fused pass reaches them through `core.fused.ops`, which holds the torch versions.
 
 Importing this package without Triton leaves every name None (callers fall back to torch).
 `enabled(t)` says whether the kernels should run on tensor `t` (CUDA, Triton present, not
-turned off with `core.attention.use_kernels(False)`).
+turned off with `use_kernels(False)`). `grid` (launch geometry, plain numpy) is importable
+without Triton. Nothing here imports the engine core.
 """
 
 from __future__ import annotations
+
+_SWITCH = {"disabled": False}
+
+
+def use_kernels(on: bool) -> None:
+    """Turn the GPU kernels on or off (they are on by default where available)."""
+    _SWITCH["disabled"] = not on
+
+
+def kernels_disabled() -> bool:
+    return _SWITCH["disabled"]
+
 
 try:
     import triton  # noqa: F401  (present: the kernels below compile)
@@ -47,8 +60,6 @@ def enabled(t) -> bool:
     """Kernels apply to tensor `t`: CUDA (or the interpreter, see below), Triton, not disabled."""
     import os
 
-    from vllm_elastic.core.attention import kernels_disabled
-
     if not AVAILABLE or kernels_disabled():
         return False
     # VLLM_ELASTIC_TRITON_CPU=1 (with TRITON_INTERPRET=1): run them on CPU tensors in
@@ -56,6 +67,6 @@ def enabled(t) -> bool:
     return t.is_cuda or os.environ.get("VLLM_ELASTIC_TRITON_CPU") == "1"
 
 
-__all__ = ["AVAILABLE", "add_rms_norm_triton", "drift_probe", "enabled", "norm_rows_triton",
-           "paged_attention_blocks", "paged_attention_triton", "probe_lse", "rms_norm_triton",
-           "rope_kv_write_triton", "silu_mul_triton"]
+__all__ = ["AVAILABLE", "add_rms_norm_triton", "drift_probe", "enabled", "kernels_disabled",
+           "norm_rows_triton", "paged_attention_blocks", "paged_attention_triton", "probe_lse",
+           "rms_norm_triton", "rope_kv_write_triton", "silu_mul_triton", "use_kernels"]

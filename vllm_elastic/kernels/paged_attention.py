@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_elastic.core.pass_plan import attention_block_m, row_blocks
+from .grid import attention_block_m, row_blocks
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64

@@ -18,7 +18,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 from vllm.v1.worker.worker_base import CompilationTimes
 
-from vllm_elastic.core.cuda_graphs import GRAPH_MAX_BYTES
+from vllm_elastic.core.fused.graphs import GRAPH_MAX_BYTES
 
 from .model_runner import ElasticRunnerMixin
 

@@ -14,7 +14,7 @@ each head's attention row and averages. Under tensor parallelism both are comput
 all-reduced partial sums, so every rank takes the same decision.
 
 The hooks below are the per-request reference; on CUDA the step runner's fused pass
-(`core.fused_pass`) computes the same drift test and picks for every request of a batch at
+(`core.fused.layers`) computes the same drift test and picks for every request of a batch at
 once (drift "heads") and hands the result back through `set_track`.
 """
 

@@ -1,7 +1,7 @@
 """The fused path of a step: passes of padded batches, the row pass chunked where the
 refresh is expected.
 
-A step is a sequence of fused passes (`fused_pass`), each a set of units (a request's
+A step is a sequence of fused passes (`layers`), each a set of units (a request's
 rows from one layer on, with where their inputs come from), run as one padded batch per
 stretch of layers between the units' start layers (the running rows are carried over):
 
@@ -28,12 +28,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .cuda_graphs import PassExecutor
-from .decoding import choose_tokens
-from .fused_pass import PassBuffers
-from .pass_plan import PassPlan, PassSegment
-from .policies.elastic import ElasticCache
-from .request import Request
+from ..decoding import choose_tokens
+from ..policies.elastic import ElasticCache
+from ..request import Request
+from .graphs import PassExecutor
+from .layers import PassBuffers
+from .plan import PassPlan, PassSegment
 
 
 @dataclass

@@ -16,19 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vllm_elastic.kernels.grid import attention_block_m, probe_block_m, row_blocks
+
 if TYPE_CHECKING:
-    from .request import Request
-
-
-def attention_block_m(max_rows: int) -> int:
-    """Rows per attention program: small blocks for window-only steps (more programs),
-    larger ones for full passes."""
-    return 16 if max_rows <= 64 else 64
-
-
-def probe_block_m(max_rows: int) -> int:
-    """Rows per program of the Elastic probe kernels (at most 64 probe rows a request)."""
-    return 32 if max_rows <= 32 else 64
+    from ..request import Request
 
 
 def bucket(n: int, step: int) -> int:
@@ -147,16 +138,6 @@ class PassTensors:
 def int_buffer_size(g: PassGeometry) -> int:
     """Length of the packed int32 buffer of a geometry."""
     return _field_offsets(g)[1]
-
-
-def row_blocks(row_start, block_m: int) -> tuple[np.ndarray, np.ndarray]:
-    """The flat attention grid of a batch: (request, first row) of every block of
-    block_m rows, request by request."""
-    row_start = np.asarray(row_start, dtype=np.int64)
-    nb = -(-(row_start[1:] - row_start[:-1]) // block_m)
-    req = np.repeat(np.arange(nb.shape[0]), nb)
-    first = np.repeat(np.cumsum(nb) - nb, nb)
-    return req, row_start[req] + (np.arange(req.shape[0]) - first) * block_m
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The operations of a fused pass, each as a Triton kernel (CUDA) or in plain torch.
 
-A fused pass (`fused_pass.run_layers`) runs the layers of a padded batch whose shapes are
+A fused pass (`layers.run_layers`) runs the layers of a padded batch whose shapes are
 fixed by its `PassPlan` geometry, so that a CUDA graph can replay it. Every operation here
 takes the plan's device metadata (`PassTensors`); the torch versions also read its host
 copy (`PassTensors` over numpy: they loop over requests, so they never run in a graph)
@@ -27,10 +27,10 @@ import torch
 
 from model_executor.layers import RotaryEmbedding, rms_norm
 
-from .attention import attend, attention_probs
+from ..attention import attend, attention_probs
 
 if TYPE_CHECKING:
-    from .pass_plan import PassGeometry, PassTensors
+    from .plan import PassGeometry, PassTensors
 
 LOG2E = 1.4426950408889634
 

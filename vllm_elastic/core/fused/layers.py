@@ -3,9 +3,9 @@
 Everything the pass reads varies only through its buffers (`PassBuffers`: the plan's packed
 indices, the input hidden states) and everything it returns lands in them (final hidden
 states, one float64 vector of decisions), so the same Python code runs eagerly or is
-captured once per geometry as a CUDA graph and replayed (`cuda_graphs.PassExecutor`).
+captured once per geometry as a CUDA graph and replayed (`graphs.PassExecutor`).
 
-Per layer (kernels of `vllm_elastic.kernels` on CUDA, `pass_ops`' torch versions on CPU):
+Per layer (kernels of `vllm_elastic.kernels` on CUDA, `ops`' torch versions on CPU):
 1. input norm of the rows, plus the tracked rows' previous inputs, and the layer-input
    write (one kernel); the tracked rows' old queries come from the same qkv GEMM when the
    batch is small (weights read once), else from a q-only GEMM;
@@ -26,9 +26,9 @@ import torch
 
 from model_executor.layers import linear
 
-from . import pass_ops as ops
-from .decoding import argmax_confidence
-from .pass_plan import PassGeometry, PassTensors, int_buffer_size
+from ..decoding import argmax_confidence
+from . import ops
+from .plan import PassGeometry, PassTensors, int_buffer_size
 
 # Below this many rows + tracked rows the old queries share the qkv GEMM (the weights are
 # read once; the GEMM is bound by that read), above it a q-only GEMM costs fewer FLOPs.

@@ -2,7 +2,7 @@
 
 A step of small batches is launch-bound: a window-only step of the 8B model issues ~15
 kernels per layer, each cheaper than its launch from Python. A CUDA graph replays the
-whole pass with one launch. Geometries are bucketed (`pass_plan.bucket`), so a serving
+whole pass with one launch. Geometries are bucketed (`plan.bucket`), so a serving
 workload sees few of them; a geometry is captured the second time it is seen (its first
 run, eager, compiles its kernels and shows it is not a one-off) and replayed from then on.
 All graphs share one memory pool (passes never overlap; every pass writes its results to
@@ -16,8 +16,8 @@ from collections import OrderedDict
 
 import torch
 
-from .fused_pass import PassBuffers, run_layers
-from .pass_plan import PassGeometry
+from .layers import PassBuffers, run_layers
+from .plan import PassGeometry
 
 # A pass is captured only while its widest activation stays under this many bytes, which
 # bounds the shared graph pool (captures reuse the pool's blocks; passes never overlap).
