@@ -377,11 +377,14 @@ def run_mini(args, results):
                     rec.setdefault(r.id, []).append(None if start is None else start / L)
                     return start
                 eng.runner.refresh_override = record
+            if path == "fused":
+                eng.runner.start_fused_timing()
             torch.cuda.synchronize()
             t = time.perf_counter()
             out = eng.generate(prompts, gp)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
+            split = eng.runner.fused_timing()
             eng.runner.refresh_override = None
             if rec:
                 pattern = list(rec.values())
@@ -394,7 +397,9 @@ def run_mini(args, results):
                 "steps_per_request": statistics.mean(r.stats["steps"] for r in out),
                 "compute_fraction": statistics.mean(r.stats["compute_fraction"] for r in out),
                 "layer_refresh_fraction": statistics.mean(r.stats["layer_refresh_fraction"]
-                                                          for r in out)}
+                                                          for r in out),
+                # fused path: host work / waits for the device / device time of the passes
+                "time_split": split}
             ids[path] = [r.token_ids for r in out]
             if path == "fused":
                 answers = [extract_answer(x) for x in texts]
@@ -413,7 +418,7 @@ def run_mini(args, results):
             f"{f['compute_fraction']:.3f} | torch {t.get('tok_s', 0):7.1f} tok/s | same "
             f"{row.get('same_tokens_fused_vs_torch', float('nan')):.3f} | agr "
             f"{row.get('answer_agreement_with_none', float('nan')):.3f} | passes "
-            f"{eng.runner.pass_counts()}")
+            f"{eng.runner.pass_counts()} | split {f.get('time_split')}")
     results["mini_pattern"] = pattern
     results["mini_passes"] = eng.runner.pass_counts()
     return pattern
@@ -548,13 +553,19 @@ def table(results):
                      f"{r['layer_refresh_fraction']:.3f} | {r['peak_mem_GiB']:.1f} |")
     lines.append(f"mini fp32, fused vs torch path, same tokens: {results.get('mini_fp32_same')}")
     lines += ["| mini policy | fused tok/s | torch tok/s | acc | answer = none's | compute frac "
-              "| refresh frac | same tokens fused/torch (bf16) |", "|---|---|---|---|---|---|---|---|"]
+              "| refresh frac | same tokens fused/torch (bf16) | passes/step | host ms/step | "
+              "wait ms/step | GPU ms/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results.get("mini", []):
         f, t = row["fused"], row.get("torch", {})
+        sp = f.get("time_split") or {}
+        n = max(1, sp.get("steps", 0))
+        split = (f"{sp['passes'] / n:.2f} | {sp['host_s'] * 1e3 / n:.2f} | "
+                 f"{sp['wait_s'] * 1e3 / n:.2f} | {sp['gpu_s'] * 1e3 / n:.2f}"
+                 if sp else "- | - | - | -")
         lines.append(f"| {row['policy']} | {f['tok_s']:.0f} | {t.get('tok_s', 0):.0f} | "
                      f"{f['accuracy']:.3f} | {row.get('answer_agreement_with_none', 0):.3f} | "
                      f"{f['compute_fraction']:.3f} | {f['layer_refresh_fraction']:.3f} | "
-                     f"{row.get('same_tokens_fused_vs_torch', float('nan')):.3f} |")
+                     f"{row.get('same_tokens_fused_vs_torch', float('nan')):.3f} | {split} |")
     return "\n".join(lines)
 
 

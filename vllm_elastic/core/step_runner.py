@@ -178,17 +178,34 @@ class StepRunner:
 
     def _fused_step(self, requests: list[Request], rows_of: list, kern: bool
                     ) -> list[_Decided]:
-        if self._fused is None:
-            from .fused import FusedStep
-
-            self._fused = FusedStep(self.model, self.store, cuda_graphs=self.cuda_graphs)
         out = []
         for r, rows, d in zip(requests, rows_of,
-                              self._fused.run(requests, rows_of, kern, self._override_fn(),
+                              self._fused_path().run(requests, rows_of, kern, self._override_fn(),
                                               self.chunking)):
             n = r.total_len if rows is None else len(rows)
             out.append(_Decided(r.candidates(), d.tokens, d.confidence, rows is None, n,
                                 d.refresh_start, d.row_layers))
+        return out
+
+    def _fused_path(self):
+        if self._fused is None:
+            from .fused import FusedStep
+
+            self._fused = FusedStep(self.model, self.store, cuda_graphs=self.cuda_graphs)
+        return self._fused
+
+    def start_fused_timing(self) -> None:
+        """From now on split the fused path's time into host work, waits for the device and
+        device time of the passes (`fused_timing()`)."""
+        self._fused_path().start_timing()
+
+    def fused_timing(self) -> dict[str, float]:
+        """Totals since `start_fused_timing()` (empty if it was not called); stops timing."""
+        f = self._fused
+        if f is None or f.timing is None:
+            return {}
+        out = f.timing.report()
+        f.stop_timing()
         return out
 
     def pass_counts(self) -> dict[str, int]:

@@ -41,6 +41,7 @@ class PassExecutor:
         self._bufs: OrderedDict[PassGeometry, PassBuffers] = OrderedDict()
         self._graphs: dict[PassGeometry, torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self.events: list | None = None  # (start, end) CUDA events per pass, when timed
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}
 
     def graphable(self, g: PassGeometry) -> bool:
@@ -73,11 +74,19 @@ class PassExecutor:
                 self._pool = graph.pool()
             self._graphs[g] = graph
             self.counts["captured"] += 1
+        timed = self.events is not None and bufs.h_out.is_cuda
+        if timed:  # after a capture: the device time of the pass alone
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         if graph is not None:
             graph.replay()
             self.counts["replayed"] += 1
         else:
             run_layers(self.model, self.store, bufs, self.kernels)
             self.counts["eager"] += 1
+        if timed:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((start, end))
         bufs.runs += 1
         bufs.download()

@@ -23,7 +23,8 @@ recomputes anyway, at the price of one more host transfer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -47,6 +48,26 @@ class FusedDecision:
 
 
 @dataclass
+class StepTiming:
+    """Where the fused steps' time went since `FusedStep.start_timing()`."""
+
+    steps: int = 0
+    passes: int = 0
+    host_s: float = 0.0  # planning, uploads, launches, commits' inputs: the host's own work
+    wait_s: float = 0.0  # blocked on the device (decision copies)
+    events: list = field(default_factory=list)  # (start, end) CUDA events of every pass
+
+    def report(self) -> dict[str, float]:
+        """Totals; device time of the passes from their events (synchronizes)."""
+        gpu = 0.0
+        if self.events:
+            self.events[-1][1].synchronize()
+            gpu = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        return {"steps": self.steps, "passes": self.passes, "host_s": self.host_s,
+                "wait_s": self.wait_s, "gpu_s": gpu}
+
+
+@dataclass
 class _Unit:
     """A request's rows from layer `start` on, and where their inputs come from."""
 
@@ -66,6 +87,29 @@ class FusedStep:
         self.L = model.cfg.n_layers
         self.cuda_graphs = cuda_graphs
         self.executors: dict[bool, PassExecutor] = {}
+        self.timing: StepTiming | None = None  # set by start_timing()
+
+    # -- timing ------------------------------------------------------------------------------
+
+    def start_timing(self) -> None:
+        """From now on, split each step's time into host work, waits for the device, and
+        device time of the passes (CUDA events around every pass: a small overhead)."""
+        self.timing = StepTiming()
+        for ex in self.executors.values():
+            ex.events = self.timing.events
+
+    def stop_timing(self) -> None:
+        self.timing = None
+        for ex in self.executors.values():
+            ex.events = None
+
+    def _results(self, bufs: PassBuffers) -> dict:
+        if self.timing is None:
+            return bufs.results()
+        t = time.perf_counter()
+        res = bufs.results()
+        self.timing.wait_s += time.perf_counter() - t
+        return res
 
     # -- one pass ----------------------------------------------------------------------------
 
@@ -74,6 +118,7 @@ class FusedStep:
         if ex is None:
             ex = PassExecutor(self.model, self.store, kernels=kern,
                               graphs=kern and self.cuda_graphs)
+            ex.events = self.timing.events if self.timing is not None else None
             self.executors[kern] = ex
         return ex
 
@@ -97,6 +142,8 @@ class FusedStep:
             if not from_embed:
                 self._fill_inputs(bufs, prev, carried, new, first)
             self._executor(kern).launch(bufs)
+            if self.timing is not None:
+                self.timing.passes += 1
             out.append((plan, bufs, list(active)))
             prev = bufs
         return out
@@ -210,12 +257,24 @@ class FusedStep:
             chunking: bool = True) -> list[FusedDecision]:
         """override: replaces the drift test's decision (called with the start found in
         the layers the row pass has tested so far, or None)."""
+        if self.timing is None:
+            return self._run(requests, rows_of, kern, override, chunking)
+        t = time.perf_counter()
+        wait = self.timing.wait_s
+        out = self._run(requests, rows_of, kern, override, chunking)
+        self.timing.steps += 1
+        self.timing.host_s += time.perf_counter() - t - (self.timing.wait_s - wait)
+        return out
+
+    def _run(self, requests: list[Request], rows_of: list, kern: bool,
+             override: Callable[[Request, int | None], int | None] | None,
+             chunking: bool) -> list[FusedDecision]:
         L = self.L
         segs = [self.row_segment(r, rows) for r, rows in zip(requests, rows_of)]
         c = self.chunk_layer(segs) if chunking else L
         [(plan, bufs, _)] = self._run_units(
             [_Unit(i, s, 0, "embed") for i, s in enumerate(segs)], c, kern)
-        res = bufs.results()
+        res = self._results(bufs)
         picks: dict[int, np.ndarray] = {}
         g = plan.geometry
         if g.P:
@@ -266,7 +325,7 @@ class FusedStep:
                     units.append(_Unit(i, cont, c, "rows", bufs, np.arange(a, b)))
             cont_passes = self._run_units(units, L, kern)
             plan_b, bufs_b, members = cont_passes[-1]
-            res_b = bufs_b.results()
+            res_b = self._results(bufs_b)
             gb = plan_b.geometry
             round2 = {}
             for k, u in enumerate(members):
@@ -286,7 +345,7 @@ class FusedStep:
             r2 = self._run_units([self._refresh_unit(i, segs[i], s) for i, s in
                                   round2.items()], L, kern)
             plan_r, bufs_r, members = r2[-1]
-            res_r = bufs_r.results()
+            res_r = self._results(bufs_r)
             dec.update({members[k].index: v for k, v in
                         self._decode(plan_r, bufs_r, res_r, list(range(len(members)))).items()})
             passes += r2
@@ -294,7 +353,7 @@ class FusedStep:
             gx = plan_x.geometry
             if not gx.P:
                 continue
-            allp = bufs_x.results()["picks"].reshape(gx.R, gx.num_layers, gx.track_k)
+            allp = self._results(bufs_x)["picks"].reshape(gx.R, gx.num_layers, gx.track_k)
             for k, u in enumerate(members):  # later passes overwrite what they recomputed
                 if u.seg.num_probe and u.index in picks:
                     picks[u.index][gx.first:gx.last] = allp[k]
