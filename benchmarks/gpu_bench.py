@@ -230,11 +230,23 @@ def pattern_override(pattern: list[list[float | None]], L: int):
     return override
 
 
-def largest_batch(model, G: int, P: int, policies_bytes: int) -> int:
-    """Largest batch whose pages fit in 80% of the free GPU memory (multiple of 16)."""
+def pass_reserve_bytes(cfg, max_rows: int) -> int:
+    """Memory a pass of `max_rows` rows needs besides the KV pool: its widest activations
+    (qkv, gate/up, SwiGLU output and a few hidden-size buffers, in bf16) plus the CUDA-graph
+    pool bound."""
+    from vllm_elastic.core.fused.graphs import GRAPH_MAX_BYTES
+
+    per_row = 2 * (3 * cfg.d_model + 3 * cfg.mlp_hidden_size + 6 * cfg.d_model)
+    return max_rows * per_row + GRAPH_MAX_BYTES
+
+
+def largest_batch(model, G: int, P: int, policies_bytes: int, max_rows: int) -> int:
+    """Largest batch whose pages fit in 85% of the GPU memory left after a pass's
+    activations (passes are split at `max_rows` rows), a multiple of 16."""
     free, _ = torch.cuda.mem_get_info()
     per = (P + G) * policies_bytes
-    return max(16, min(256, int(0.8 * free / per) // 16 * 16))
+    avail = free - pass_reserve_bytes(model.cfg, max_rows)
+    return max(16, min(256, int(0.85 * avail / per) // 16 * 16))
 
 
 def config_order(batches: list[int], policies: list[str], pattern: bool, largest: bool
@@ -271,11 +283,12 @@ def run_8b(args, ceil, results, pattern):
     for G in args.gens:
         batches = list(args.batches)
         if args.largest:
-            batches.append(largest_batch(model, G, P, slot_bytes))
+            batches.append(largest_batch(model, G, P, slot_bytes, args.max_rows))
         prompts = [torch.randint(0, 126000, (P,), generator=g).tolist()
                    for _ in range(max(batches))]
         eng = Engine(model, special_8b(), max_batch_size=max(batches), page_size=16,
                      max_request_tokens=P + G)
+        eng.runner.max_rows = args.max_rows  # full passes of large batches run in groups
         configs = config_order(batches, args.policies, bool(pattern), args.largest)
         for batch, pol in configs:
             if over_budget(args):
@@ -582,6 +595,8 @@ def main():
     ap.add_argument("--steps-heavy", type=int, default=6)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-rows", type=int, default=32768,
+                    help="rows a pass may compute (8B part; larger batches run in groups)")
     ap.add_argument("--before", action="store_true", help="plain torch path rows (8B)")
     ap.add_argument("--mini-n", type=int, default=0)
     ap.add_argument("--mini-batch", type=int, default=32)
