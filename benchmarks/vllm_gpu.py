@@ -1,9 +1,9 @@
 """The vLLM plugin on a GPU, against the engine core on the same GPU: one script, one table.
 
-    python benchmarks/vllm_gpu.py --out $OUT [--parts serve,offline,speed] [--budget-s 540]
+    python benchmarks/vllm_gpu.py --out $OUT [--parts serve_float32,speed,offline,serve_bfloat16]
 
-Parts (each skipped, and said so, once the time budget is spent):
-* serve: `vllm-elastic serve` (= `vllm serve` with the plugin) on the mini model, float32
+Parts, in the order given (each skipped, and said so, once the time budget is spent):
+* serve_float32, serve_bfloat16: `vllm-elastic serve` (= `vllm serve` with the plugin) on the mini model, float32
   and bfloat16: 32 concurrent requests over every policy, OpenAI chat (plain and streaming)
   and completions (plain and streaming); a bad request (unknown policy) must get HTTP 400;
   /metrics must show the `vllm_elastic:*` cache statistics. In float32 every answer's tokens
@@ -427,10 +427,10 @@ def table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out")
-    ap.add_argument("--parts", default="serve,offline,speed")
+    ap.add_argument("--parts", default="serve_float32,speed,offline,serve_bfloat16",
+                    help="in this order")
     ap.add_argument("--model", default=os.path.join(ROOT, ".models", "mini-llada-v1"))
     ap.add_argument("--tasks", default=os.path.join(ROOT, ".models", "dev.jsonl"))
-    ap.add_argument("--serve-dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--speed-batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--speed-policies", nargs="+", default=["elastic", "dual"])
     ap.add_argument("--budget-s", type=float, default=540)
@@ -456,13 +456,11 @@ def main() -> None:
     items = [it for group in zip(*by_task.values()) for it in group]
     tok = load_tokenizer(args.model)
     prompts = [render_prompt(tok, {"messages": it["messages"]}) for it in items[:64]]
-    parts = args.parts.split(",")
-    steps = [(f"serve_{d}", lambda d=d: run_serve(args, items, prompts, d, res))
-             for d in args.serve_dtypes if "serve" in parts]
-    if "offline" in parts:
-        steps.append(("offline", lambda: run_offline(args, prompts, res)))
-    if "speed" in parts:
-        steps.append(("speed", lambda: run_speed(args, res)))
+    run = {"serve_float32": lambda: run_serve(args, items, prompts, "float32", res),
+           "serve_bfloat16": lambda: run_serve(args, items, prompts, "bfloat16", res),
+           "offline": lambda: run_offline(args, prompts, res),
+           "speed": lambda: run_speed(args, res)}
+    steps = [(name, run[name]) for name in args.parts.split(",")]
     for name, fn in steps:
         if over_budget(args):
             log(f"budget spent: skipping {name}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
@@ -9,7 +11,7 @@ from .model_runner import ElasticRunnerMixin
 
 
 class ElasticCPUModelRunner(ElasticRunnerMixin, CPUModelRunner):
-    def profile_run(self) -> None:
+    def profile_run(self, *args: Any, **kwargs: Any) -> None:  # 0.32: randomize_inputs
         # vLLM's CPU worker sizes the KV pool from its memory setting, not from a profile.
         pass
 

@@ -12,6 +12,7 @@ vLLM's own warm-up, compilation and graph capture do not apply (LLaDA has no vLL
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -24,7 +25,7 @@ from .model_runner import ElasticRunnerMixin
 
 
 class ElasticGPUModelRunner(ElasticRunnerMixin, GPUModelRunner):
-    def profile_run(self) -> None:
+    def profile_run(self, *args: Any, **kwargs: Any) -> None:  # 0.32: randomize_inputs
         model = self.core_model
         graphs = model.device.type == "cuda" and not model.tp.enabled
         self.profile_pass(reserve_bytes=GRAPH_MAX_BYTES if graphs else 0)
