@@ -311,6 +311,7 @@ def test_fused_path_kernels_and_graphs_fp32(model_dir, dev_prompts):
                 assert [r.stats for r in got] == [r.stats for r in ref]
         counts = eng.runner.pass_counts()
         assert counts["replayed"] > 0 and counts["captured"] > 0, counts
+        assert counts["capture_failed"] == 0, counts
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         use_kernels(True)

@@ -210,7 +210,7 @@ class StepRunner:
 
     def pass_counts(self) -> dict[str, int]:
         """Fused passes run so far: eagerly, captured as CUDA graphs, replayed."""
-        out = {"eager": 0, "captured": 0, "replayed": 0}
+        out = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
         for ex in (self._fused.executors.values() if self._fused else ()):
             for k, v in ex.counts.items():
                 out[k] += v

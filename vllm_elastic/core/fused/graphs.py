@@ -7,11 +7,13 @@ workload sees few of them; a geometry is captured the second time it is seen (it
 run, eager, compiles its kernels and shows it is not a one-off) and replayed from then on.
 All graphs share one memory pool (passes never overlap; every pass writes its results to
 its own buffers, allocated outside the pool). The least recently used geometry is dropped
-beyond `max_graphs`.
+beyond `max_graphs`; once every graph is dropped the pool is released and the next capture
+starts a new one.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
@@ -22,6 +24,8 @@ from .plan import PassGeometry
 # A pass is captured only while its widest activation stays under this many bytes, which
 # bounds the shared graph pool (captures reuse the pool's blocks; passes never overlap).
 GRAPH_MAX_BYTES = 1 << 29
+
+logger = logging.getLogger(__name__)
 
 
 class PassExecutor:
@@ -42,7 +46,7 @@ class PassExecutor:
         self._graphs: dict[PassGeometry, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.events: list | None = None  # (start, end) CUDA events per pass, when timed
-        self.counts = {"eager": 0, "captured": 0, "replayed": 0}
+        self.counts = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
 
     def graphable(self, g: PassGeometry) -> bool:
         return self.graphs and g.T <= self.graph_max_rows
@@ -58,22 +62,39 @@ class PassExecutor:
             while len(self._bufs) > self.max_graphs:
                 old, _ = self._bufs.popitem(last=False)
                 self._graphs.pop(old, None)
+            if not self._graphs:
+                # The pool lives only while a graph captured into it does: capturing into
+                # the id of a released pool fails inside PyTorch's allocator.
+                self._pool = None
         else:
             self._bufs.move_to_end(g)
         return b
+
+    def _capture(self, bufs: PassBuffers) -> "torch.cuda.CUDAGraph | None":
+        """Capture the pass as a graph; if PyTorch refuses the capture, log it and run this
+        executor eagerly from then on (same results, launch-bound)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                run_layers(self.model, self.store, bufs, self.kernels)
+        except RuntimeError as e:
+            logger.warning("CUDA graph capture failed (%s); fused passes run eagerly from "
+                           "now on", str(e).splitlines()[0][:300])
+            self.graphs = False
+            self.counts["capture_failed"] += 1
+            return None
+        if self._pool is None:
+            self._pool = graph.pool()
+        self._graphs[bufs.geometry] = graph
+        self.counts["captured"] += 1
+        return graph
 
     def launch(self, bufs: PassBuffers) -> None:
         """Run the pass whose indices were uploaded into `bufs` (and h_in filled)."""
         g = bufs.geometry
         graph = self._graphs.get(g)
         if graph is None and bufs.runs >= 1 and self.graphable(g):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                run_layers(self.model, self.store, bufs, self.kernels)
-            if self._pool is None:
-                self._pool = graph.pool()
-            self._graphs[g] = graph
-            self.counts["captured"] += 1
+            graph = self._capture(bufs)
         timed = self.events is not None and bufs.h_out.is_cuda
         if timed:  # after a capture: the device time of the pass alone
             start = torch.cuda.Event(enable_timing=True)
