@@ -132,3 +132,33 @@ def test_profile_pass_runs_the_largest_pass(model_dir):
     runner.cache_config = SimpleNamespace(block_size=16)
     assert runner.max_pass_rows == 640
     assert runner.profile_pass() == 2 * 299  # two requests of max_model_len - 1
+
+
+def test_model_executor_taken_back_from_vllms_alias(monkeypatch):
+    """vLLM's LazyLoader leaves its own module in sys.modules["model_executor"]."""
+    import sys
+    import types
+
+    from vllm_elastic.vllm_plugin import compat
+
+    monkeypatch.setitem(sys.modules, "model_executor", types.ModuleType("model_executor"))
+    for name in [n for n in sys.modules if n.startswith("model_executor.")]:
+        monkeypatch.delitem(sys.modules, name)
+    compat.claim_model_executor()
+    from model_executor.llada import LLaDAModel  # noqa: F401
+
+    assert sys.modules["model_executor"].__file__.endswith("model_executor/__init__.py")
+
+
+def test_install_runner_replaces_vllms_own_runner():
+    from vllm_elastic.vllm_plugin import compat
+
+    class Ours:
+        pass
+
+    worker = SimpleNamespace(model_runner=object())  # vLLM 0.26: its runner, built inline
+    compat.install_runner(worker, Ours, Ours)
+    assert isinstance(worker.model_runner, Ours)
+    kept = worker.model_runner  # vLLM 0.32: ours already, through _make_model_runner
+    compat.install_runner(worker, Ours, Ours)
+    assert worker.model_runner is kept

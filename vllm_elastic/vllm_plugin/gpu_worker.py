@@ -21,6 +21,7 @@ from vllm.v1.worker.worker_base import CompilationTimes
 
 from vllm_elastic.core.fused.graphs import GRAPH_MAX_BYTES
 
+from . import compat
 from .model_runner import ElasticRunnerMixin
 
 
@@ -40,9 +41,7 @@ class ElasticGPUWorker(Worker):
 
     def init_device(self) -> None:
         super().init_device()
-        if not isinstance(self.model_runner, ElasticGPUModelRunner):
-            # vLLM <= 0.26 builds its runner inline in init_device: swap ours in.
-            self.model_runner = self._make_model_runner()
+        compat.install_runner(self, ElasticGPUModelRunner, self._make_model_runner)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         # Nothing of vLLM's to compile, capture or warm up: the profile run compiled the

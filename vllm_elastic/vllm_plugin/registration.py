@@ -18,11 +18,12 @@ import sys
 
 from vllm.logger import init_logger
 
+from . import compat
+
 logger = init_logger("vllm." + __name__)  # under vLLM's configured "vllm" logger
 
 ARCH = "LLaDAModelLM"
 MODEL_CLS = "vllm_elastic.vllm_plugin.model:LLaDAModelLM"
-SUPPORTED_VLLM = ("0.32.", "0.26.")
 
 _done = False
 
@@ -31,40 +32,19 @@ def register() -> None:
     global _done
     if _done:
         return
-    _claim_model_executor()
+    compat.claim_model_executor()
     import vllm
 
-    if not vllm.__version__.startswith(SUPPORTED_VLLM):
-        logger.warning("vllm-elastic was written against vLLM %s*, found %s: its adapters "
-                       "use vLLM internals and may not work", SUPPORTED_VLLM[0],
-                       vllm.__version__)
+    if not compat.supported(vllm.__version__):
+        logger.warning("vllm-elastic supports vLLM %s, found %s: its adapters use vLLM "
+                       "internals and may not work",
+                       ", ".join(v + "*" for v in compat.SUPPORTED_VLLM), vllm.__version__)
     _register_config()
     _register_model()
     _register_engine_config()
     _install_request_validation()
     _install_stat_logger()
     _done = True
-
-
-def _claim_model_executor() -> None:
-    """Make `model_executor` this project's package, with every submodule imported.
-
-    vLLM's `LazyLoader` (vllm/utils/import_utils.py) puts its own modules into
-    `sys.modules` under their bare local name, here "model_executor" (vllm/config/model.py
-    loads `vllm.model_executor.layers.quantization` that way), which hides this project's
-    top-level `model_executor` package from any later import. The alias is dropped and the
-    submodules imported by their full names: imports of them keep working even if vLLM
-    sets the alias again."""
-    import importlib
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    ours = os.path.join(root, "model_executor")
-    mod = sys.modules.get("model_executor")
-    if mod is not None and os.path.dirname(getattr(mod, "__file__", "") or "") != ours:
-        del sys.modules["model_executor"]
-    for name in ("config", "checkpoint", "layers", "parallel", "llada", "tokenizer"):
-        importlib.import_module(f"model_executor.{name}")
 
 
 def _register_config() -> None:
