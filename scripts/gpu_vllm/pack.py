@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import io
 import json
 import lzma
@@ -36,6 +35,8 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path
+
+from install import sha256  # this folder (the script's own sys.path entry)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -200,14 +201,6 @@ def tar_xz(files: list[Path], site: Path, out: Path, preset: int) -> None:
                 ti.mtime = 0
                 with open(f, "rb") as fh:
                     tar.addfile(ti, fh)
-
-
-def sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def main() -> None:
