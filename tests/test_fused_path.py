@@ -37,9 +37,16 @@ def _both(engine, fused_engine, prompts, params):
 @pytest.mark.parametrize("policy", ["none", "prefix", "dual", "dkv", "elastic"])
 def test_fused_equals_reference(engine, fused_engine, dev_prompts, policy):
     prompts = dev_prompts[30:34]
+    fused_engine.runner.start_fused_timing()
     ref, fus = _both(engine, fused_engine, prompts, _params(policy))
+    timing = fused_engine.runner.fused_timing()
     assert [r.token_ids for r in fus] == [r.token_ids for r in ref]
     assert [r.stats for r in fus] == [r.stats for r in ref]
+    # The time split counts every fused step and pass (device time: CUDA only).
+    steps = max(r.stats["steps"] for r in fus)
+    assert timing["steps"] >= steps and timing["passes"] >= timing["steps"]
+    assert timing["host_s"] > 0 and timing["gpu_s"] == 0.0
+    assert fused_engine.runner.fused_timing() == {}  # reporting stopped it
 
 
 def test_fused_mixed_batch_and_fallback(engine, fused_engine, dev_prompts):
