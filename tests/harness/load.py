@@ -158,8 +158,8 @@ def judge(spec: RequestSpec, out: Outcome, ref: Any) -> tuple[str, str]:
         return "lost", f"status {out.status}: {out.error}"
     if out.finish_reason is None:
         return "lost", "no finish_reason"
-    if out.prompt_ids is not None and out.prompt_ids != list(spec.job.prompt):
-        return "wrong", "prompt ids differ from the chat template's"
+    if out.prompt_ids != list(spec.job.prompt):
+        return "wrong", f"prompt ids {out.prompt_ids} differ from the chat template's"
     if out.token_ids != want:
         return "wrong", f"tokens {out.token_ids} != core {want}"
     want_finish = "length" if cap is not None and cap < len(ref.token_ids) \
