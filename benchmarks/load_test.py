@@ -128,7 +128,10 @@ def main() -> int:
                           "stream": sp.stream, "max_tokens": sp.max_tokens,
                           "xargs": sp.job.xargs_dict, "temperature": sp.job.temperature,
                           "disconnect_after": sp.disconnect_after, "verdict": v, "why": w,
-                          "latency_s": o.latency_s, "ttft_s": o.ttft_s}
+                          "latency_s": o.latency_s, "ttft_s": o.ttft_s, "status": o.status,
+                          "prompt_len": len(sp.job.prompt), "token_ids": o.token_ids,
+                          "core_token_ids": refs[sp.job.key()].token_ids,
+                          "finish_reason": o.finish_reason}
                          for sp, o, v, w in verdicts]}, indent=1))
     return 0 if s.clean else 1
 
