@@ -181,6 +181,23 @@ def test_blocks_freed_after_finish_and_abort(server, client):
     test_good_request_after_bad_ones(client)
 
 
+def test_idle_connection_outlives_client_expiry(server):
+    """An idle keep-alive connection is still open after httpx's 5 s idle expiry (vLLM's
+    own default would have closed it: a client reusing it then can lose a request)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        for wait in (0.0, 6.0):
+            time.sleep(wait)
+            conn.request("GET", "/health")
+            r = conn.getresponse()  # RemoteDisconnected had the server closed it
+            r.read()
+            assert r.status == 200
+    finally:
+        conn.close()
+
+
 def test_stop_strings(client, dev_prompts):
     """Stop strings are vLLM's (frontend): the answer is cut before the string, "stop"."""
     kw = dict(max_tokens=64, temperature=0, extra_body={"vllm_xargs": {"policy": "dual"}})

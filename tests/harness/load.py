@@ -112,7 +112,7 @@ async def _whole_pool(server: Server, model: str, pool: PoolPlan, gen_length: in
     # prompt + canvas = max_model_len - 1 positions (the plugin's bound): every usable block.
     prompt = [5] * (pool.max_model_len - 1 - gen_length)
     body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                 "vllm_xargs": {"policy": "dual", "gen_length": gen_length}}
+            "vllm_xargs": {"policy": "dual", "gen_length": gen_length}}
     async with httpx.AsyncClient(base_url=server.base, timeout=timeout) as client:
         return await send_raw(client, "/v1/completions", json.dumps(body).encode())
 
