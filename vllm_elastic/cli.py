@@ -14,6 +14,9 @@ import sys
 import time
 from typing import Any
 
+# Seconds `vllm-elastic serve` keeps an idle HTTP connection open (vLLM's default is 5).
+SERVE_KEEP_ALIVE_S = 60
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -173,11 +176,19 @@ def serve(argv: list[str]) -> int:
     parser looks up the distribution "vllm", which that wheel is not named. This runs the
     same vLLM CLI with that one lookup answered. (With the CUDA wheel, `vllm serve` works
     as it is: set VLLM_PLUGINS=elastic.)
+
+    It also keeps idle HTTP connections open for SERVE_KEEP_ALIVE_S seconds unless
+    VLLM_HTTP_TIMEOUT_KEEP_ALIVE says otherwise. vLLM's default of 5 s equals the idle
+    expiry of httpx (and so of the openai client): a client that reuses a connection just
+    under 5 s idle, while the server's timer closes it, loses that request ("Server
+    disconnected without sending a response" / connection reset). Diffusion steps keep
+    the CPU busy enough that both event loops lag and this happens under load.
     """
     import importlib.metadata as md
     import os
 
     os.environ.setdefault("VLLM_PLUGINS", "elastic")
+    os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(SERVE_KEEP_ALIVE_S))
     version = md.version
 
     def _version(name: str) -> str:

@@ -22,7 +22,7 @@ from vllm_elastic.core.params import DecodeParams, GenerationParams, InvalidRequ
 
 SERVER_CONFIG_KEY = "elastic"
 # Keys vLLM itself puts into extra_args (not ours to validate).
-_VLLM_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params"})
+VLLM_EXTRA_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params"})
 _BOOL_KEYS = frozenset(f.name for cls in (DecodeParams, PolicyParams) for f in fields(cls)
                        if str(f.type).startswith("bool"))
 _STR_KEYS = frozenset({"policy", "cache_policy", "drift"})
@@ -90,7 +90,7 @@ def request_params(sp: Any, base: dict[str, Any]) -> GenerationParams:
     extra = sp.extra_args or {}
     if not isinstance(extra, dict):
         raise InvalidRequest(f"vllm_xargs must be a JSON object, got {extra!r}")
-    over = _parse({k: v for k, v in extra.items() if k not in _VLLM_KEYS})
+    over = _parse({k: v for k, v in extra.items() if k not in VLLM_EXTRA_KEYS})
     if "temperature" not in over:
         over["temperature"] = float(sp.temperature or 0.0)
     if "seed" not in over and sp.seed is not None:

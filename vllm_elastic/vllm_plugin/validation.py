@@ -15,7 +15,7 @@ from typing import Any
 
 from vllm_elastic.core.params import GenerationParams, InvalidRequest
 
-from .request_params import request_params
+from .request_params import VLLM_EXTRA_KEYS, request_params
 
 _WHY_SAMPLER = "LLaDA commits tokens by its own argmax/Gumbel rule, there is no sampler"
 
@@ -55,6 +55,12 @@ def _refusals(sp: Any) -> list[tuple[str, Any, str]]:
           "no reasoning-budget control in diffusion decoding")
     check("repetition_detection", g("repetition_detection") is not None,
           "not supported for diffusion decoding")
+    # vLLM's own extra_args keys (kv_transfer_params, ...): vLLM reads them as JSON objects
+    # after this check; anything else there fails in its output processor (HTTP 500).
+    extra = g("extra_args") or {}
+    for key in sorted(VLLM_EXTRA_KEYS):
+        if isinstance(extra, dict) and key in extra and not isinstance(extra[key], dict):
+            out.append((key, extra[key], "vLLM reads it as a JSON object"))
     return out
 
 
