@@ -24,17 +24,16 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from tests.harness.server import Server, ServerConfig  # noqa: E402
 
 POLICIES = ["none", "prefix", "dual", "elastic", "spa", "dkv"]
 SERVE_CFG = {"gen_length": 128, "block_length": 32}
@@ -47,12 +46,6 @@ def log(*a) -> None:
 
 def over_budget(args) -> bool:
     return time.time() - T0 > args.budget_s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plugin_env() -> dict[str, str]:
@@ -93,46 +86,6 @@ def compare(got: list[list[int]], refs: dict[str, list[list[int]]], max_tokens: 
 
 # -- serve -------------------------------------------------------------------------------
 
-class Server:
-    def __init__(self, model_dir: str, dtype: str, log_path: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vllm_elastic.cli", "serve", model_dir,
-               "--served-model-name", "mini", "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", dtype, "--max-model-len", "1024", "--max-num-seqs", "64",
-               "--gpu-memory-utilization", "0.3",
-               "--additional-config", json.dumps({"elastic": SERVE_CFG})]
-        self.log = open(log_path, "w")
-        self.log_path = log_path
-        self.proc = subprocess.Popen(cmd, env=plugin_env(), stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.time() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + open(log_path).read()[-4000:])
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server did not start:\n" + open(log_path).read()[-4000:])
-            time.sleep(1)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r:
-            return r.read().decode()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 def ask(client, kind: str, stream: bool, messages, prompt_ids, xargs: dict, max_tokens):
     """One request; returns (prompt ids, token ids, finish reason)."""
     extra = {"vllm_xargs": xargs, "return_token_ids": True}
@@ -160,19 +113,16 @@ def ask(client, kind: str, stream: bool, messages, prompt_ids, xargs: dict, max_
     return list(pids or []), ids, finish
 
 
-def metric(text: str, name: str) -> float | None:
-    vals = [float(m.group(1)) for m in re.finditer(
-        rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$", text, re.M)]
-    return sum(vals) if vals else None
-
-
 def run_serve(args, items, prompts, dtype: str, res: dict) -> None:
     import openai
 
     log(f"serve {dtype}: starting the server")
-    t = time.time()
-    srv = Server(args.model, dtype, os.path.join(args.out, f"serve_{dtype}.log"))
-    start_s = time.time() - t
+    cfg = ServerConfig(args.model, served_model_name="mini", elastic=SERVE_CFG, dtype=dtype,
+                       block_size=16, max_num_seqs=64, dev_mode=False, log_requests=False,
+                       extra_args=["--gpu-memory-utilization", "0.3"],
+                       env={"PYTHONPATH": plugin_env()["PYTHONPATH"]})
+    srv = Server(cfg, os.path.join(args.out, f"serve_{dtype}.log")).start()
+    start_s = srv.startup_s
     try:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0,
                                timeout=600)
@@ -202,10 +152,10 @@ def run_serve(args, items, prompts, dtype: str, res: dict) -> None:
         names = ["denoising_steps_total", "full_passes_total", "tokens_committed_total",
                  "rows_computed_total", "rows_full_total", "drift_events_total",
                  "compute_fraction", "layer_refresh_fraction", "tokens_per_step"]
-        mets = {n: metric(text, "vllm_elastic:" + n) for n in names}
-        mets["kv_cache_usage_perc"] = metric(text, "vllm:kv_cache_usage_perc")
+        mets = {n: text.get("vllm_elastic:" + n) for n in names}
+        mets["kv_cache_usage_perc"] = text.get("vllm:kv_cache_usage_perc")
     finally:
-        srv.close()
+        srv.stop()
     out = {"dtype": dtype, "start_s": start_s, "requests": len(jobs), "wall_s": wall,
            "tokens": sum(len(a[1]) for a in answers),
            "finish": {f: sum(a[2] == f for a in answers) for f in ("stop", "length")},

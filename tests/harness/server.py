@@ -47,6 +47,7 @@ class ServerConfig:
     served_model_name: str = "mini-llada"
     elastic: dict[str, Any] = field(default_factory=lambda: {"gen_length": 64,
                                                              "block_length": 32})
+    dtype: str = "float32"
     max_model_len: int = 1024
     block_size: int = 32
     max_num_seqs: int = 16
@@ -60,7 +61,7 @@ class ServerConfig:
     def command(self, port: int) -> list[str]:
         cmd = [sys.executable, "-m", "vllm_elastic.cli", "serve", self.model_dir,
                "--served-model-name", self.served_model_name, "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32",
+               "--port", str(port), "--dtype", self.dtype,
                "--max-model-len", str(self.max_model_len),
                "--block-size", str(self.block_size), "--max-num-seqs", str(self.max_num_seqs),
                "--additional-config", json.dumps({"elastic": self.elastic})]
