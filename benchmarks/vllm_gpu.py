@@ -178,35 +178,30 @@ def run_serve(args, items, prompts, dtype: str, res: dict) -> None:
 # -- offline -----------------------------------------------------------------------------
 
 OFFLINE_SCRIPT = r'''
-import json, sys
+import json, sys, time
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     job = json.load(open(sys.argv[1]))
     llm = LLM(model=job["model"], **job["llm"])
     sps = [SamplingParams(max_tokens=1024, temperature=0.0, extra_args=x) for x in job["xargs"]]
-    t = __import__("time").time()
+    t = time.time()
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], sps, use_tqdm=False)
-    wall = __import__("time").time() - t
-    extra = {}
-    if job.get("pass_counts"):
-        extra["pass_counts"] = llm.collective_rpc("elastic_pass_counts")
-    json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs], "wall_s": wall,
-               **extra}, open(sys.argv[2], "w"))
+    json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+               "wall_s": time.time() - t}, open(sys.argv[2], "w"))
 '''
 
 
-def run_llm(args, model: str, prompts, xargs, llm_kw: dict, name: str,
-            pass_counts: bool = False) -> dict:
+def run_script(args, script: str, job: dict, name: str) -> dict:
+    """Run `script` (vLLM's LLM needs a __main__) with the plugin on `job`; its JSON out."""
     d = tempfile.mkdtemp()
-    script, job, out = (os.path.join(d, n) for n in ("run.py", "job.json", "out.json"))
-    with open(script, "w") as f:
-        f.write(OFFLINE_SCRIPT)
-    with open(job, "w") as f:
-        json.dump({"model": model, "llm": llm_kw, "prompts": prompts, "xargs": xargs,
-                   "pass_counts": pass_counts}, f)
+    path, job_path, out = (os.path.join(d, n) for n in ("run.py", "job.json", "out.json"))
+    with open(path, "w") as f:
+        f.write(script)
+    with open(job_path, "w") as f:
+        json.dump(job, f)
     logf = os.path.join(args.out, f"{name}.log")
     with open(logf, "w") as lf:
-        p = subprocess.run([sys.executable, script, job, out], env=plugin_env(), cwd=ROOT,
+        p = subprocess.run([sys.executable, path, job_path, out], env=plugin_env(), cwd=ROOT,
                            stdout=lf, stderr=subprocess.STDOUT, timeout=600)
     if p.returncode != 0:
         raise RuntimeError(f"{name} failed:\n" + open(logf).read()[-4000:])
@@ -220,9 +215,10 @@ def run_offline(args, prompts, res: dict) -> None:
     n = min(64, len(prompts))
     xargs = [{**SERVE_CFG, "policy": POLICIES[i % len(POLICIES)]} for i in range(n)]
     log("offline: LLM.generate, float32")
-    got = run_llm(args, args.model, prompts[:n], xargs,
-                  {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 64,
-                   "gpu_memory_utilization": 0.3}, "offline_float32")
+    got = run_script(args, OFFLINE_SCRIPT, {
+        "model": args.model, "prompts": prompts[:n], "xargs": xargs,
+        "llm": {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 64,
+                "gpu_memory_utilization": 0.3}}, "offline_float32")
     jobs = list(zip(prompts[:n], xargs))
     refs = {"core_batched": core_tokens(args.model, "float32", jobs, True),
             "core_alone": core_tokens(args.model, "float32", jobs, False)}
@@ -249,6 +245,28 @@ def shape_folder(root: str) -> str:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     return folder
+
+
+SPEED_SCRIPT = r'''
+import json, sys, time
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    job = json.load(open(sys.argv[1]))
+    llm = LLM(model=job["model"], **job["llm"])
+    out = []
+    for b, pol in job["configs"]:
+        sp = SamplingParams(max_tokens=job["G"], temperature=0.0,
+                            extra_args={**job["xargs"], "policy": pol})
+        for rep in range(2):
+            t = time.time()
+            outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"][:b]],
+                                [sp] * b, use_tqdm=False)
+            dt = time.time() - t
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        out.append({"batch": b, "policy": pol, "tok_s": n / dt, "wall_s": dt, "tokens": n})
+    json.dump({"runs": out, "pass_counts": llm.collective_rpc("elastic_pass_counts")},
+              open(sys.argv[2], "w"))
+'''
 
 
 def run_speed(args, res: dict) -> None:
@@ -283,52 +301,18 @@ def run_speed(args, res: dict) -> None:
             dt = time.time() - t
         core[(b, pol)] = {"tok_s": sum(len(o.token_ids) for o in out) / dt, "wall_s": dt,
                           "tokens": sum(len(o.token_ids) for o in out)}
+        res.setdefault("speed_core", []).append({"batch": b, "policy": pol, **core[(b, pol)]})
         log(f"speed core b={b} {pol}: {core[(b, pol)]}")
     counts_core = eng.runner.pass_counts()
     del eng, model
     torch.cuda.empty_cache()
-    # The plugin: one LLM per configuration would restart the engine; instead one LLM
-    # runs every configuration twice in a row (warm-up, timed) from a script.
+    # The plugin: one LLM runs every configuration twice in a row (warm-up, timed).
     log("speed: the plugin (LLM.generate, --load-format dummy)")
-    script = r'''
-import json, sys, time
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
-    job = json.load(open(sys.argv[1]))
-    llm = LLM(model=job["model"], **job["llm"])
-    out = []
-    for b, pol in job["configs"]:
-        sp = SamplingParams(max_tokens=job["G"], temperature=0.0,
-                            extra_args={**job["xargs"], "policy": pol})
-        for rep in range(2):
-            t = time.time()
-            outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"][:b]],
-                                [sp] * b, use_tqdm=False)
-            dt = time.time() - t
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        out.append({"batch": b, "policy": pol, "tok_s": n / dt, "wall_s": dt, "tokens": n})
-    json.dump({"runs": out, "pass_counts": llm.collective_rpc("elastic_pass_counts")},
-              open(sys.argv[2], "w"))
-'''
-    d = tempfile.mkdtemp()
-    with open(os.path.join(d, "speed.py"), "w") as f:
-        f.write(script)
     job = {"model": folder, "G": G, "xargs": xargs, "prompts": prompts, "configs": configs,
            "llm": {"dtype": "bfloat16", "load_format": "dummy", "skip_tokenizer_init": True,
                    "max_model_len": 1024, "max_num_seqs": max(args.speed_batches),
                    "block_size": 16, "gpu_memory_utilization": 0.85, "seed": 0}}
-    with open(os.path.join(d, "job.json"), "w") as f:
-        json.dump(job, f)
-    logf = os.path.join(args.out, "speed_plugin.log")
-    with open(logf, "w") as lf:
-        p = subprocess.run([sys.executable, os.path.join(d, "speed.py"),
-                            os.path.join(d, "job.json"), os.path.join(d, "out.json")],
-                           env=plugin_env(), cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT,
-                           timeout=600)
-    if p.returncode != 0:
-        raise RuntimeError("plugin speed run failed:\n" + open(logf).read()[-4000:])
-    with open(os.path.join(d, "out.json")) as f:
-        plug = json.load(f)
+    plug = run_script(args, SPEED_SCRIPT, job, "speed_plugin")
     for r in plug["runs"]:
         c = core[(r["batch"], r["policy"])]
         runs.append({"batch": r["batch"], "policy": r["policy"], "G": G,
@@ -371,6 +355,9 @@ def table(res: dict) -> str:
                          f"{r['plugin_tok_s']:.1f} | {r['core_tok_s']:.1f} | "
                          f"{r['ratio']:.3f} |")
         lines.append(f"pass counts: {json.dumps(res.get('speed_pass_counts'))}")
+    elif res.get("speed_core"):
+        lines += ["", "8B shape, the core alone (the plugin's run failed): " + "; ".join(
+            f"b={r['batch']} {r['policy']} {r['tok_s']:.1f} tok/s" for r in res["speed_core"])]
     return "\n".join(lines)
 
 
