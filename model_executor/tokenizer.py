@@ -53,6 +53,19 @@ def config_special_ids(folder: str) -> SpecialIds:
                       bos=cfg.bos_token_id)
 
 
+def folder_special_ids(folder: str, need_tokenizer: bool = True) -> SpecialIds:
+    """The tokenizer's special ids; without `need_tokenizer`, a folder with no tokenizer
+    files gives config.json's (random-weight folders served without a tokenizer)."""
+    import os
+
+    from .checkpoint import TOKENIZER_FILES
+
+    if not need_tokenizer and not all(os.path.isfile(os.path.join(folder, f))
+                                      for f in TOKENIZER_FILES):
+        return config_special_ids(folder)
+    return special_ids(folder)
+
+
 def render_prompt(tokenizer: Any, item: dict[str, Any]) -> list[int]:
     """Token ids of one input: raw `prompt` text, or chat `messages` via the chat template."""
     if "messages" in item and item["messages"] is not None:

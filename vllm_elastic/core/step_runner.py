@@ -178,10 +178,10 @@ class StepRunner:
 
     def _fused_step(self, requests: list[Request], rows_of: list, kern: bool
                     ) -> list[_Decided]:
+        decisions = self._fused_path().run(requests, rows_of, kern, self._override_fn(),
+                                           self.chunking)
         out = []
-        for r, rows, d in zip(requests, rows_of,
-                              self._fused_path().run(requests, rows_of, kern, self._override_fn(),
-                                              self.chunking)):
+        for r, rows, d in zip(requests, rows_of, decisions):
             n = r.total_len if rows is None else len(rows)
             out.append(_Decided(r.candidates(), d.tokens, d.confidence, rows is None, n,
                                 d.refresh_start, d.row_layers))
@@ -209,8 +209,11 @@ class StepRunner:
         return out
 
     def pass_counts(self) -> dict[str, int]:
-        """Fused passes run so far: eagerly, captured as CUDA graphs, replayed."""
-        out = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
+        """Fused passes run so far: eagerly, captured as CUDA graphs, replayed (and
+        captures PyTorch refused)."""
+        from .fused.graphs import PassExecutor
+
+        out = dict.fromkeys(PassExecutor.COUNTS, 0)
         for ex in (self._fused.executors.values() if self._fused else ()):
             for k, v in ex.counts.items():
                 out[k] += v

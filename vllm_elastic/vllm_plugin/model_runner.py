@@ -39,6 +39,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 
 from model_executor.llada import LLaDAModel
 from model_executor.parallel import TensorParallel
+from model_executor.tokenizer import folder_special_ids
 from vllm_elastic.core.kv_store import PagedKVStore, StoreLayout
 from vllm_elastic.core.params import GenerationParams
 from vllm_elastic.core.request import Request
@@ -46,7 +47,7 @@ from vllm_elastic.core.step_runner import StepRunner
 
 from .metrics import STAT_KEYS, request_stats_vector
 from .model import LLaDAModelLM
-from .request_params import plugin_special_ids, request_params, server_defaults
+from .request_params import request_params, server_defaults
 
 from vllm.logger import init_logger
 
@@ -114,7 +115,8 @@ class ElasticRunnerMixin:
                                                          device=self.device, tp=tp)
         self.model.core = self.core_model
         self.model_memory_usage = model_bytes(self.core_model)
-        self.special = plugin_special_ids(self.vllm_config)
+        self.special = folder_special_ids(
+            folder, need_tokenizer=not self.model_config.skip_tokenizer_init)
         self.base_params = server_defaults(self.vllm_config)
         self.core_requests: dict[str, Request] = {}
         self.store: PagedKVStore | None = None

@@ -70,21 +70,6 @@ def _parse(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plugin_special_ids(vllm_config: Any) -> Any:
-    """The model's special ids: from its tokenizer, or from config.json alone when vLLM
-    runs without a tokenizer (`skip_tokenizer_init`) and the folder has none."""
-    import os
-
-    from model_executor.checkpoint import TOKENIZER_FILES
-    from model_executor.tokenizer import config_special_ids, special_ids
-
-    folder = vllm_config.model_config.model
-    has_tokenizer = all(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
-    if not has_tokenizer and vllm_config.model_config.skip_tokenizer_init:
-        return config_special_ids(folder)
-    return special_ids(folder)
-
-
 def request_params(sp: Any, base: dict[str, Any]) -> GenerationParams:
     """The validated GenerationParams of one request (raises InvalidRequest)."""
     extra = sp.extra_args or {}

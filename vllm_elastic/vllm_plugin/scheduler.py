@@ -26,14 +26,17 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from .metrics import STATS_PREFIX, STAT_KEYS
-from .request_params import gen_length_of, plugin_special_ids, server_defaults
+from .request_params import gen_length_of, server_defaults
 
 
 class ElasticScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._base = server_defaults(self.vllm_config)
-        self._special = plugin_special_ids(self.vllm_config)
+        from model_executor.tokenizer import folder_special_ids
+
+        mc = self.vllm_config.model_config
+        self._special = folder_special_ids(mc.model, need_tokenizer=not mc.skip_tokenizer_init)
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         allocate = self.kv_cache_manager.allocate_slots
 

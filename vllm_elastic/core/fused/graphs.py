@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 class PassExecutor:
+    COUNTS = ("eager", "captured", "replayed", "capture_failed")
+
     def __init__(self, model, store, *, kernels: bool, graphs: bool, max_graphs: int = 48,
                  graph_max_bytes: int = GRAPH_MAX_BYTES):
         self.model = model
@@ -46,7 +48,7 @@ class PassExecutor:
         self._graphs: dict[PassGeometry, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.events: list | None = None  # (start, end) CUDA events per pass, when timed
-        self.counts = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
+        self.counts = dict.fromkeys(self.COUNTS, 0)
 
     def graphable(self, g: PassGeometry) -> bool:
         return self.graphs and g.T <= self.graph_max_rows

@@ -22,8 +22,8 @@ recomputes anyway, at the price of one more host transfer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
